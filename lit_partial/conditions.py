@@ -1,0 +1,363 @@
+"""When-rules: small validated objects that say whether a rule holds at a training step.
+
+Conditions are data, never code: each is built from a plain dict (or the strings ``"always"`` /
+``"never"``) by :func:`parse_condition`, and no string is ever evaluated.
+
+======================================================  ===============================================
+form                                                    holds when
+======================================================  ===============================================
+``"always"`` / ``"never"``                              always / never
+``{"epochs": [a, b]}``                                  ``a <= epoch < b`` (``b`` may be ``null``: open)
+``{"steps": [a, b]}``                                   ``a <= global_step < b``
+``{"every_n_steps": n, "offset": k}``                   ``global_step % n == k`` (``offset`` optional)
+``{"probability": p, "seed": s}``                       a draw below ``p``, the same on every rank
+``{"stat": s, "op": o, "value": v}``                    ``stat(activation) o v``, e.g. mean > 0
+``{"all": [...]}`` / ``{"any": [...]}``                 every / some listed condition holds
+======================================================  ===============================================
+
+Probability draws are a pure function of ``(seed, salt, global_step, batch_idx)``: identical on every
+rank and after resume, independent of global RNG state. ``salt`` distinguishes rules (callbacks pass
+the rule's name).
+
+Example:
+    >>> cond = parse_condition({"epochs": [0, 3]})
+    >>> cond(StepContext(epoch=2, global_step=40)), cond(StepContext(epoch=3, global_step=60))
+    (True, False)
+    >>> p = parse_condition({"probability": 0.5, "seed": 1})
+    >>> p(StepContext(global_step=7), salt="head") == p(StepContext(global_step=7), salt="head")
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STATISTICS",
+    "AllOf",
+    "Always",
+    "AnyOf",
+    "Condition",
+    "ConditionError",
+    "EpochWindow",
+    "EveryNSteps",
+    "Never",
+    "Probability",
+    "Statistic",
+    "StepContext",
+    "StepWindow",
+    "parse_condition",
+    "uniform_draw",
+]
+
+VALID_FORMS = (
+    '"always", "never", {"epochs": [a, b]}, {"steps": [a, b]}, {"every_n_steps": n}, '
+    '{"probability": p}, {"stat": "mean"|"max"|"min"|"norm"|"std"|"abs_mean", "op": ">"|">="|"<"|"<="|"=="|"!=", '
+    '"value": v}, {"all": [...]}, {"any": [...]}'
+)
+
+
+class ConditionError(ValueError):
+    """A condition spec is malformed; the message lists the valid forms."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training is when a condition is asked.
+
+    Attributes:
+        epoch: The current epoch (``trainer.current_epoch``).
+        global_step: Optimizer steps taken so far (``trainer.global_step``).
+        batch_idx: The batch index within the epoch, so micro-batches of one optimizer step draw differently.
+        training: False during validation, test and predict.
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    batch_idx: int = 0
+    training: bool = True
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, batch_idx: int = 0) -> StepContext:
+        """Read the context off a Lightning ``Trainer``."""
+        return cls(int(trainer.current_epoch), int(trainer.global_step), int(batch_idx), bool(trainer.training))
+
+
+def _mix64(x: int) -> int:
+    # splitmix64 finalizer: a counter-based hash, so each (seed, salt, step) gets an independent draw.
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def uniform_draw(seed: int, salt: str, *counters: int) -> float:
+    """A deterministic uniform number in ``[0, 1)`` from a seed, a salt string and integer counters.
+
+    Example:
+        >>> uniform_draw(0, "blocks.3", 10) == uniform_draw(0, "blocks.3", 10)
+        True
+    """
+    state = _mix64(seed & 0xFFFFFFFFFFFFFFFF ^ zlib.crc32(salt.encode()))
+    for counter in counters:
+        state = _mix64(state ^ (counter & 0xFFFFFFFFFFFFFFFF))
+    return (state >> 11) / float(1 << 53)
+
+
+class Condition(ABC):
+    """A when-rule. Call it with a :class:`StepContext` (and, for statistics, the activation)."""
+
+    #: True when the condition needs the activation tensor (statistic conditions).
+    needs_activation: bool = False
+
+    @abstractmethod
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:
+        """Whether the condition holds at ``ctx`` (``x`` is the activation, ``salt`` the rule name)."""
+
+    @property
+    def is_random(self) -> bool:
+        """True when the decision uses a (seeded) draw."""
+        return False
+
+
+@dataclass(frozen=True)
+class Always(Condition):
+    """Holds at every step."""
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return True
+
+
+@dataclass(frozen=True)
+class Never(Condition):
+    """Holds at no step."""
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return False
+
+
+@dataclass(frozen=True)
+class EpochWindow(Condition):
+    """Holds while ``start <= epoch < end`` (``end=None``: open-ended)."""
+
+    start: int
+    end: int | None = None
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return self.start <= ctx.epoch and (self.end is None or ctx.epoch < self.end)
+
+
+@dataclass(frozen=True)
+class StepWindow(Condition):
+    """Holds while ``start <= global_step < end`` (``end=None``: open-ended)."""
+
+    start: int
+    end: int | None = None
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return self.start <= ctx.global_step and (self.end is None or ctx.global_step < self.end)
+
+
+@dataclass(frozen=True)
+class EveryNSteps(Condition):
+    """Holds when ``global_step % n == offset``."""
+
+    n: int
+    offset: int = 0
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return ctx.global_step % self.n == self.offset
+
+
+@dataclass(frozen=True)
+class Probability(Condition):
+    """Holds with probability ``p``; the draw depends only on ``(seed, salt, global_step, batch_idx)``."""
+
+    p: float
+    seed: int = 0
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return uniform_draw(self.seed, salt, ctx.global_step, ctx.batch_idx) < self.p
+
+    @property
+    def is_random(self) -> bool:  # noqa: D102
+        return True
+
+    def per_sample(self, ctx: StepContext, batch_size: int, *, salt: str = "", device: Any = None) -> Tensor:
+        """One draw per sample, shape ``(batch_size,)``, as reproducible as the scalar draw."""
+        gen = torch.Generator().manual_seed(int(uniform_draw(self.seed, salt, ctx.global_step, ctx.batch_idx) * 2**53))
+        return (torch.rand(batch_size, generator=gen) < self.p).to(device)
+
+
+def _norm(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=dims)
+
+
+STATISTICS: dict[str, Callable[[Tensor, tuple[int, ...] | None], Tensor]] = {
+    "mean": lambda x, d: x.mean(dim=d) if d else x.mean(),
+    "abs_mean": lambda x, d: x.abs().mean(dim=d) if d else x.abs().mean(),
+    "max": lambda x, d: x.amax(dim=d) if d else x.max(),
+    "min": lambda x, d: x.amin(dim=d) if d else x.min(),
+    "std": lambda x, d: x.std(dim=d) if d else x.std(),
+    "norm": _norm,
+}
+_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+}
+
+
+@dataclass(frozen=True)
+class Statistic(Condition):
+    """Holds when ``stat(x) op value`` for the module's activation ``x`` (computed without gradient)."""
+
+    stat: str
+    op: str
+    value: float
+    needs_activation = True
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        if x is None:
+            raise ConditionError(f"the statistic condition {self} needs the activation tensor, and none was given.")
+        with torch.no_grad():
+            return bool(_OPS[self.op](STATISTICS[self.stat](x.detach().float(), None), self.value))
+
+    def per_sample(self, x: Tensor) -> Tensor:
+        """The condition per batch row: a bool tensor of shape ``(x.shape[0],)``."""
+        with torch.no_grad():
+            dims = tuple(range(1, x.dim())) or None
+            values = STATISTICS[self.stat](x.detach().float(), dims) if dims else x.detach().float()
+            return _OPS[self.op](values, self.value)
+
+
+@dataclass(frozen=True)
+class AllOf(Condition):
+    """Holds when every listed condition holds."""
+
+    conditions: tuple[Condition, ...]
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return all(c(ctx, x, salt=salt) for c in self.conditions)
+
+    @property
+    def needs_activation(self) -> bool:  # type: ignore[override]  # noqa: D102
+        return any(c.needs_activation for c in self.conditions)
+
+    @property
+    def is_random(self) -> bool:  # noqa: D102
+        return any(c.is_random for c in self.conditions)
+
+
+@dataclass(frozen=True)
+class AnyOf(AllOf):
+    """Holds when some listed condition holds."""
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return any(c(ctx, x, salt=salt) for c in self.conditions)
+
+
+def _int(spec: Mapping[str, Any], key: str, value: Any, *, minimum: int = 0, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConditionError(f"condition {dict(spec)!r}: `{key}` must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _window(spec: Mapping[str, Any], key: str) -> tuple[int, int | None]:
+    value = spec[key]
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ConditionError(f"condition {dict(spec)!r}: `{key}` must be a pair [start, end] (end may be null).")
+    start = _int(spec, f"{key}[0]", value[0])
+    end = _int(spec, f"{key}[1]", value[1], allow_none=True)
+    if end is not None and end <= start:  # type: ignore[operator]
+        raise ConditionError(f"condition {dict(spec)!r}: `{key}` end {end} must be greater than start {start}.")
+    return start, end  # type: ignore[return-value]
+
+
+def _probability(spec: Mapping[str, Any]) -> Probability:
+    p = spec["probability"]
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= float(p) <= 1.0:
+        raise ConditionError(f"condition {dict(spec)!r}: `probability` must be a number in [0, 1], got {p!r}.")
+    return Probability(float(p), _int(spec, "seed", spec.get("seed", 0)))  # type: ignore[arg-type]
+
+
+def _statistic(spec: Mapping[str, Any]) -> Statistic:
+    stat, op, value = spec.get("stat"), spec.get("op"), spec.get("value")
+    if stat not in STATISTICS:
+        raise ConditionError(f"condition {dict(spec)!r}: `stat` must be one of {sorted(STATISTICS)}, got {stat!r}.")
+    if op not in _OPS:
+        raise ConditionError(f"condition {dict(spec)!r}: `op` must be one of {list(_OPS)}, got {op!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConditionError(f"condition {dict(spec)!r}: `value` must be a finite number, got {value!r}.")
+    return Statistic(stat, op, float(value))
+
+
+_FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
+    "epochs": ({"epochs"}, lambda s: EpochWindow(*_window(s, "epochs"))),
+    "steps": ({"steps"}, lambda s: StepWindow(*_window(s, "steps"))),
+    "every_n_steps": (
+        {"every_n_steps", "offset"},
+        lambda s: EveryNSteps(_int(s, "every_n_steps", s["every_n_steps"], minimum=1), _int(s, "offset", s.get("offset", 0))),  # type: ignore[arg-type]
+    ),
+    "probability": ({"probability", "seed"}, _probability),
+    "stat": ({"stat", "op", "value"}, _statistic),
+    "all": ({"all"}, lambda s: AllOf(_sub_conditions(s, "all"))),
+    "any": ({"any"}, lambda s: AnyOf(_sub_conditions(s, "any"))),
+}
+
+
+def _sub_conditions(spec: Mapping[str, Any], key: str) -> tuple[Condition, ...]:
+    items = spec[key]
+    if isinstance(items, str) or not isinstance(items, Sequence) or not items:
+        raise ConditionError(f"condition {dict(spec)!r}: `{key}` must be a non-empty list of conditions.")
+    return tuple(parse_condition(item) for item in items)
+
+
+def parse_condition(spec: Any) -> Condition:
+    """Build a :class:`Condition` from its plain-data form (see the module docstring for the forms).
+
+    Args:
+        spec: ``"always"``, ``"never"``, a dict in one of the valid forms, or a ``Condition`` (returned as is).
+            OmegaConf containers are accepted.
+
+    Raises:
+        ConditionError: If ``spec`` is not one of the valid forms; the message lists them.
+    """
+    if isinstance(spec, Condition):
+        return spec
+    if spec in ("always", True):
+        return Always()
+    if spec in ("never", False):
+        return Never()
+    spec = _to_plain(spec)
+    if isinstance(spec, Mapping):
+        for key, (allowed, build) in _FORMS.items():
+            if key in spec:
+                extra = set(spec) - allowed
+                if extra:
+                    raise ConditionError(
+                        f"condition {spec!r}: unexpected key(s) {sorted(extra)} for the {key!r} form "
+                        f"(allowed: {sorted(allowed)}). Valid forms: {VALID_FORMS}."
+                    )
+                return build(spec)
+    raise ConditionError(f"invalid condition {spec!r}. Valid forms: {VALID_FORMS}.")
+
+
+def _to_plain(spec: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(spec, DictConfig | ListConfig):
+            return OmegaConf.to_container(spec, resolve=True)
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        pass
+    return spec

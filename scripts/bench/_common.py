@@ -1,0 +1,80 @@
+"""Shared benchmark tools: side-by-side timing, the 8-block FFN setup, result containers."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_partial.examples.models import ResidualFFN
+
+
+@dataclass
+class Section:
+    """One benchmark section: a title, table rows (dicts with the same keys), notes, and optional plots."""
+
+    title: str
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # file names written into the output folder
+
+    def markdown(self) -> str:
+        """The section as a markdown table with its notes."""
+        lines = [f"### {self.title}", ""]
+        if self.rows:
+            keys = list(self.rows[0])
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in self.rows]
+        lines += ["", *[f"- {note}" for note in self.notes]]
+        lines += [f"![{name}]({name})" for name in self.plots]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def ffn_setup(
+    num_blocks: int = 8, width: int = 384, batch: int = 256, seed: int = 0, device: str = "cpu"
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The benchmark model of every issue: ``ResidualFFN(8 blocks, width 384)`` and a batch of 256."""
+    torch.manual_seed(seed)
+    model = ResidualFFN(num_blocks=num_blocks, width=width).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randn(batch, width, device=device)
+    return model, x, y
+
+
+def time_side_by_side(
+    fns: dict[str, Callable[[], Any]], *, warmup: int = 3, rounds: int = 7, iters: int = 10
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds.
+
+    Interleaving (A, B, C, A, B, C, ...) means drift in machine load hits every variant alike, so the
+    ratios between them are meaningful even on a shared machine; absolute times are not.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

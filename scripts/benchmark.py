@@ -1,0 +1,64 @@
+"""The measured claims of lit_partial: time ratios side by side in one run, FLOPs, bytes.
+
+Run all sections, or some, and write ``results.md``, ``results.json`` and plots into ``--out``:
+
+    python scripts/benchmark.py                       # every section
+    python scripts/benchmark.py --only freezing       # one section (file name in scripts/bench/)
+    python scripts/benchmark.py --quick               # fewer rounds, for a smoke run
+
+Each section is a module in ``scripts/bench/`` with ``run(args) -> Section``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts import bench  # noqa: E402
+
+
+def available_sections() -> list[str]:
+    """Names of the benchmark sections (modules of ``scripts/bench`` not starting with ``_``)."""
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    sections = available_sections()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sections, default=sections, help="sections to run")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (smoke run, noisier)")
+    parser.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"
+    )
+    report, results = [f"## Benchmark results\n\n{header}; `python scripts/benchmark.py`\n"], {}
+    for name in args.only:
+        start = time.perf_counter()
+        print(f"[benchmark] {name} ...", flush=True)
+        section = importlib.import_module(f"scripts.bench.{name}").run(args)
+        print(section.markdown(), flush=True)
+        print(f"[benchmark] {name} took {time.perf_counter() - start:.1f}s", flush=True)
+        report.append(section.markdown())
+        results[name] = {"title": section.title, "rows": section.rows, "notes": section.notes}
+    (args.out / "results.md").write_text("\n".join(report))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"[benchmark] wrote {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
