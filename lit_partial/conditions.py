@@ -211,7 +211,12 @@ STATISTICS: dict[str, Callable[[Tensor, tuple[int, ...] | None], Tensor]] = {
     "norm": _norm,
 }
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 
 
@@ -306,7 +311,9 @@ _FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
     "steps": ({"steps"}, lambda s: StepWindow(*_window(s, "steps"))),
     "every_n_steps": (
         {"every_n_steps", "offset"},
-        lambda s: EveryNSteps(_int(s, "every_n_steps", s["every_n_steps"], minimum=1), _int(s, "offset", s.get("offset", 0))),  # type: ignore[arg-type]
+        lambda s: EveryNSteps(
+            _int(s, "every_n_steps", s["every_n_steps"], minimum=1), _int(s, "offset", s.get("offset", 0))
+        ),  # type: ignore[arg-type]
     ),
     "probability": ({"probability", "seed"}, _probability),
     "stat": ({"stat", "op", "value"}, _statistic),

@@ -52,7 +52,9 @@ _STATE_ATTR = "_lit_partial_state"
 
 # The mixin overrides on_after_batch_transfer only to run registered transforms; Lightning warns about any
 # override when a DataModule is used, which would fire for every mixin user and means nothing here.
-warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed")
+warnings.filterwarnings(
+    "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed"
+)
 
 
 @dataclass
@@ -168,7 +170,9 @@ class PartialBackpropMixin:
             ...     return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
         """
         trainer = getattr(self, "_trainer", None)
-        planners = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, ParamGroupPlanner)]
+        planners = [
+            cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, ParamGroupPlanner)
+        ]
         if len(planners) > 1:
             names = ", ".join(type(cb).__name__ for cb in planners)
             raise ValueError(f"several callbacks plan parameter groups ({names}); keep one of them.")
@@ -179,6 +183,21 @@ class PartialBackpropMixin:
     def partial_summary(self) -> str:
         """A table per top-level module: parameters total, trainable (``requires_grad``) and masked."""
         return format_summary(summarize(self))  # type: ignore[arg-type]
+
+    def tbptt_step(self, batch: Any, k: int, step_fn: Callable[[Any, Any], Any], **kwargs: Any) -> Tensor | None:
+        """Truncated backprop through time over ``batch`` in chunks of ``k`` steps; returns the mean chunk loss.
+
+        Call it from ``training_step`` with ``self.automatic_optimization = False``; ``step_fn(chunk, hiddens)``
+        returns ``(loss, hiddens)``. Options (``accumulate``, ``hiddens``, ``time_dim``) and details:
+        :func:`lit_partial.tbptt.tbptt_training_step`.
+
+        Example:
+            >>> def training_step(self, batch, batch_idx):  # doctest: +SKIP
+            ...     return self.tbptt_step(batch, k=4, step_fn=self.chunk_step)
+        """
+        from lit_partial.tbptt import tbptt_training_step  # the logic lives in tbptt.py
+
+        return tbptt_training_step(self, batch, k, step_fn, **kwargs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Apply the batch transforms callbacks registered (e.g. ``SelectiveBackprop``) after ``super()``'s."""

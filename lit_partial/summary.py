@@ -53,10 +53,22 @@ def format_summary(rows: list[SummaryRow]) -> str:
     """Render :func:`summarize` rows as a fixed-width text table."""
     header = ("module", "params", "trainable", "masked", "trainable %")
     body = [
-        (r.name, f"{r.total:,}", f"{r.trainable:,}", f"{r.masked:,}", f"{100.0 * r.trainable / r.total:.1f}" if r.total else "-")
+        (
+            r.name,
+            f"{r.total:,}",
+            f"{r.trainable:,}",
+            f"{r.masked:,}",
+            f"{100.0 * r.trainable / r.total:.1f}" if r.total else "-",
+        )
         for r in rows
     ]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))) for line in [header, *body]]
+    lines = [
+        "  ".join(
+            str(cell).rjust(w) if i else str(cell).ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in [header, *body]
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

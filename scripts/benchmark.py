@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts import bench  # noqa: E402
+from scripts import bench
 
 
 def available_sections() -> list[str]:

@@ -86,8 +86,9 @@ class DigitsDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams["batch_size"], shuffle=True,
-                          num_workers=self.hparams["num_workers"])
+        return DataLoader(
+            self.train_set, batch_size=self.hparams["batch_size"], shuffle=True, num_workers=self.hparams["num_workers"]
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -108,7 +109,11 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
     """
 
     def __init__(
-        self, channels: Sequence[int] = (32, 64, 128), lr: float = 3e-3, weight_decay: float = 1e-4, dropout: float = 0.1
+        self,
+        channels: Sequence[int] = (32, 64, 128),
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if lr <= 0:

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lit_partial.selection import (
+    SelectorError,
+    as_selector_list,
+    match_names,
+    outermost,
+    select_modules,
+    select_parameters,
+)
+
+
+def make_model() -> nn.Module:
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Sequential(nn.Linear(2, 3), nn.ReLU()), nn.Linear(3, 3), nn.Linear(3, 3))
+    model.head = nn.Linear(3, 1)
+    return model
+
+
+def names(pairs: list) -> list[str]:
+    return [name for name, _ in pairs]
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("backbone.1", ["backbone.1"]),  # exact
+        ("backbone.*", ["backbone.0", "backbone.1", "backbone.2"]),  # '*' stays within one level
+        ("backbone.**", ["backbone.0", "backbone.0.0", "backbone.0.1", "backbone.1", "backbone.2"]),
+        ("backbone.[0-1]", ["backbone.0", "backbone.1"]),  # character class
+        ("backbone.?", ["backbone.0", "backbone.1", "backbone.2"]),
+        ("re:backbone\\.[12]", ["backbone.1", "backbone.2"]),  # regex, full match
+        ("re:backbone", ["backbone"]),  # full match: not a prefix search
+        ("*", ["backbone", "head"]),
+    ],
+)
+def test_select_modules_forms(selector: str, expected: list[str]) -> None:
+    assert names(select_modules(make_model(), selector)) == expected
+
+
+def test_select_modules_model_order_and_no_duplicates() -> None:
+    got = select_modules(make_model(), ["head", "backbone.2", "re:backbone\\.[0-2]", "head"])
+    assert names(got) == ["backbone.0", "backbone.1", "backbone.2", "head"]
+
+
+def test_select_modules_returns_the_module_objects() -> None:
+    model = make_model()
+    [(_name, module)] = select_modules(model, "backbone.1")
+    assert module is model.backbone[1]
+
+
+def test_select_parameters_expands_modules_and_names_parameters() -> None:
+    model = make_model()
+    got = select_parameters(model, ["head.bias", "backbone.0"])
+    assert names(got) == ["backbone.0.0.weight", "backbone.0.0.bias", "head.bias"]
+    assert got[2][1] is model.head.bias
+
+
+def test_select_parameters_by_regex_over_parameter_names() -> None:
+    assert names(select_parameters(make_model(), "re:.*\\.bias")) == [
+        "backbone.0.0.bias",
+        "backbone.1.bias",
+        "backbone.2.bias",
+        "head.bias",
+    ]
+
+
+def test_select_parameters_identity_not_value() -> None:
+    # Equal-valued parameters are different parameters (Lightning's filter_on_optimizer drops them).
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert len(select_parameters(model, ["0", "1"])) == 4
+
+
+def test_select_parameters_shared_parameter_once() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].weight = model[0].weight
+    got = select_parameters(model, ["0", "1"])
+    assert names(got) == ["0.weight", "0.bias", "1.bias"]
+
+
+def test_no_match_names_closest_modules() -> None:
+    with pytest.raises(
+        SelectorError, match=r"selector 'backbone\.3' matched no module.*did you mean 'backbone\.[0-2]'"
+    ):
+        select_modules(make_model(), "backbone.3")
+
+
+def test_no_match_typo_suggests_correct_name() -> None:
+    with pytest.raises(SelectorError, match=r"'bakcbone'.*did you mean 'backbone'"):
+        select_modules(make_model(), "bakcbone")
+
+
+def test_no_match_parameter_suggests_parameters() -> None:
+    with pytest.raises(SelectorError, match=r"'head\.weights' matched no parameter.*'head\.weight'"):
+        select_parameters(make_model(), "head.weights")
+
+
+def test_no_match_unrelated_lists_top_level_names() -> None:
+    with pytest.raises(SelectorError, match=r"did you mean 'backbone', 'head'"):
+        select_modules(make_model(), "zzz")
+
+
+def test_second_selector_without_match_fails_too() -> None:
+    with pytest.raises(SelectorError, match="'nope'"):
+        select_modules(make_model(), ["head", "nope"])
+
+
+def test_invalid_regex() -> None:
+    with pytest.raises(SelectorError, match=r"not a valid regular expression"):
+        as_selector_list("re:([")
+
+
+@pytest.mark.parametrize("bad", [3, None, {"a": 1}])
+def test_selector_wrong_type(bad: object) -> None:
+    with pytest.raises(SelectorError, match=r"must be a string or a list of strings"):
+        as_selector_list(bad, argument="frozen")  # type: ignore[arg-type]
+
+
+def test_selector_empty_list_and_empty_string() -> None:
+    with pytest.raises(SelectorError, match=r"`frozen` is an empty list"):
+        as_selector_list([], argument="frozen")
+    with pytest.raises(SelectorError, match=r"every selector must be"):
+        as_selector_list(["head", " "])
+
+
+def test_as_selector_list_accepts_omegaconf_lists() -> None:
+    from omegaconf import OmegaConf
+
+    assert as_selector_list(OmegaConf.create(["a", "b.*"])) == ["a", "b.*"]
+
+
+def test_match_names_and_outermost() -> None:
+    assert match_names(["a", "a.0", "a.0.x", "b"], "a.*") == ["a.0"]
+    assert outermost(["a.0", "a", "a.0.x", "ab", "b.1"]) == ["a", "ab", "b.1"]
