@@ -2,4 +2,21 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lit_partial.callbacks.activation_detach import ActivationDetach
+from lit_partial.callbacks.activation_memory import ActivationMemoryMonitor
+from lit_partial.callbacks.conditional_detach import ConditionalDetach
+from lit_partial.callbacks.conditional_skip import ConditionalSkip, StochasticDepth
+from lit_partial.callbacks.gradient_masking import GradientMasking
+from lit_partial.callbacks.layer_freezing import LayerFreezing
+from lit_partial.callbacks.selective_backprop import SelectiveBackprop
+
+__all__: list[str] = [
+    "ActivationDetach",
+    "ActivationMemoryMonitor",
+    "ConditionalDetach",
+    "ConditionalSkip",
+    "GradientMasking",
+    "LayerFreezing",
+    "SelectiveBackprop",
+    "StochasticDepth",
+]

@@ -106,6 +106,8 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         dropout: Dropout before the head.
+        residual_blocks: Shape-preserving residual conv blocks ``backbone.res.*`` after the last conv block
+            (what ``StochasticDepth`` skips); 0 (default) keeps the plain CNN.
     """
 
     def __init__(
@@ -114,12 +116,13 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         dropout: float = 0.1,
+        residual_blocks: int = 0,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"`lr` must be positive, got {lr!r}.")
         self.save_hyperparameters()
-        net = DigitsCNN(channels=list(channels), num_classes=10, dropout=dropout)
+        net = DigitsCNN(channels=list(channels), num_classes=10, dropout=dropout, residual_blocks=residual_blocks)
         self.backbone, self.head = net.backbone, net.head
         self.val_acc = MulticlassAccuracy(num_classes=10)
 

@@ -10,11 +10,12 @@ Example:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["ConvBlock", "DigitsCNN", "FFNBlock", "ResidualFFN"]
+__all__ = ["ConvBlock", "DigitsCNN", "FFNBlock", "ResidualConvBlock", "ResidualFFN"]
 
 
 class ConvBlock(nn.Sequential):
@@ -31,6 +32,17 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class ResidualConvBlock(nn.Module):
+    """``x + ConvBlock(c, c)(x)``: a shape-preserving block (what stochastic depth can skip)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = ConvBlock(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return x + self.body(x)
+
+
 class DigitsCNN(nn.Module):
     """A small CNN for 8x8 digits: ``backbone`` (conv blocks ``backbone.0`` ... + global pooling) and ``head``.
 
@@ -38,9 +50,17 @@ class DigitsCNN(nn.Module):
         channels: Output channels of each conv block; a 2x2 pool follows every block but the last.
         num_classes: Number of classes of the head.
         dropout: Dropout before the head.
+        residual_blocks: Shape-preserving residual blocks ``backbone.res.0`` ... after the last conv block
+            (for ``StochasticDepth``); 0 (default) builds exactly the plain backbone.
     """
 
-    def __init__(self, channels: Sequence[int] = (32, 64, 128), num_classes: int = 10, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 128),
+        num_classes: int = 10,
+        dropout: float = 0.1,
+        residual_blocks: int = 0,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("`channels` is empty; give at least one conv block width, e.g. [32, 64].")
@@ -49,7 +69,16 @@ class DigitsCNN(nn.Module):
         for i, out_ch in enumerate(channels):
             blocks.append(ConvBlock(in_ch, out_ch, pool=i < len(channels) - 1))
             in_ch = out_ch
-        self.backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        if isinstance(residual_blocks, bool) or not isinstance(residual_blocks, int) or residual_blocks < 0:
+            raise ValueError(f"`residual_blocks` must be a non-negative integer, got {residual_blocks!r}.")
+        if residual_blocks == 0:
+            self.backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        else:  # keep the plain names (backbone.0 ... pool, flatten) and add backbone.res.* before the pooling
+            layers: OrderedDict[str, nn.Module] = OrderedDict((str(i), b) for i, b in enumerate(blocks))
+            layers["res"] = nn.Sequential(*(ResidualConvBlock(in_ch) for _ in range(residual_blocks)))
+            layers[str(len(blocks))] = nn.AdaptiveAvgPool2d(1)
+            layers[str(len(blocks) + 1)] = nn.Flatten()
+            self.backbone = nn.Sequential(layers)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_ch, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102

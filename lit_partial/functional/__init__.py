@@ -6,6 +6,93 @@ Names are verbs (``freeze``, ``mask_gradients``, ``detach_if``, ...); the callba
 
 from __future__ import annotations
 
+from lit_partial.functional.activation_cuts import (
+    UnsafeCheckpointError,
+    checkpoint_modules,
+    detach_outputs,
+    offload_modules,
+)
+from lit_partial.functional.activations import SavedTensorTracker, saved_activation_bytes
+from lit_partial.functional.freezing import (
+    freeze,
+    frozen_parameter_names,
+    hold_norm_statistics,
+    trainable_parameter_count,
+    unfreeze,
+)
+from lit_partial.functional.gradients import detach_if, reverse_grad, scale_grad, skip_rows, straight_through
+from lit_partial.functional.mask_builders import (
+    MaskError,
+    build_index_mask,
+    build_magnitude_mask,
+    build_mask,
+    build_random_mask,
+    build_where_mask,
+)
+from lit_partial.functional.masking import (
+    count_masked,
+    guard_masked_elements,
+    mask_gradients,
+    restore_masked,
+    snapshot_masked,
+)
 from lit_partial.functional.measure import count_flops
+from lit_partial.functional.selection_sampling import (
+    SamplePool,
+    UnsupportedBatchError,
+    batch_size_of,
+    concat_batches,
+    num_kept,
+    probability_beta,
+    select_outliers,
+    select_probability,
+    select_topk,
+    selection_probabilities,
+    slice_batch,
+    take_pooled,
+    update_history,
+)
 
-__all__ = ["count_flops"]
+__all__ = [
+    "MaskError",
+    "SamplePool",
+    "SavedTensorTracker",
+    "UnsafeCheckpointError",
+    "UnsupportedBatchError",
+    "batch_size_of",
+    "build_index_mask",
+    "build_magnitude_mask",
+    "build_mask",
+    "build_random_mask",
+    "build_where_mask",
+    "checkpoint_modules",
+    "concat_batches",
+    "count_flops",
+    "count_masked",
+    "detach_if",
+    "detach_outputs",
+    "freeze",
+    "frozen_parameter_names",
+    "guard_masked_elements",
+    "hold_norm_statistics",
+    "mask_gradients",
+    "num_kept",
+    "offload_modules",
+    "probability_beta",
+    "restore_masked",
+    "reverse_grad",
+    "saved_activation_bytes",
+    "scale_grad",
+    "select_outliers",
+    "select_probability",
+    "select_topk",
+    "selection_probabilities",
+    "skip_rows",
+    "slice_batch",
+    "snapshot_masked",
+    "straight_through",
+    "take_pooled",
+    "trainable_parameter_count",
+    "unfreeze",
+    "update_history",
+]

@@ -1,0 +1,105 @@
+"""``ConditionalDetach``: stop (or scale) the gradient through a module's output while a condition holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lit_partial.callbacks._rules import GATE_PREFIX, DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
+from lit_partial.functional.gradients import detach_if, first_tensor, scale_grad
+from lit_partial.module import register_gate
+
+__all__ = ["ConditionalDetach"]
+
+
+class ConditionalDetach(DynamicGraphCallback):
+    """Detach, scale or reverse the gradient through selected module outputs or gates, step by step.
+
+    Each rule maps a key to a condition (see :mod:`lit_partial.conditions`). The key is a module selector
+    (exact name, glob, ``re:<pattern>``; the module's output is ruled on through a forward hook) or the name
+    of a gate the model calls in ``forward`` as ``self.gate(name, x)`` (write ``"gate:<name>"`` when a module
+    has the same name). The value is a condition, or ``{"when": condition, "grad_scale": g, "per_sample": b}``:
+
+    * ``grad_scale`` 0 (default) cuts the gradient, like ``.detach()`` written in ``forward`` (no backward is
+      computed below it); another finite number scales it, a negative one reverses it (domain-adversarial
+      training).
+    * ``per_sample: true`` rules on each batch row: statistics are computed per row, probabilities drawn per
+      row, and only the rows that meet the condition are detached (or scaled).
+
+    Modules may return a tensor, or a tuple/list/dict of tensors (every floating tensor is ruled on; statistics
+    look at the first one). Rules act only in training steps: validation, test and predict never detach.
+    Random draws depend only on ``(seed, module or gate name, global_step, batch_idx)``, so they agree across
+    ranks and after resume. Under DDP, a rule that can cut the graph makes the strategy run with
+    ``find_unused_parameters=True`` (logged; set before the model is wrapped), so steps where ranks decide
+    differently neither raise nor hang. Logs ``conditional_detach/<key>``: the fraction of steps (or samples)
+    detached per epoch.
+
+    Args:
+        rules: ``{key: condition | {"when": condition, "grad_scale": g, "per_sample": bool}}``.
+        log: Log the per-rule fractions with ``pl_module.log``.
+
+    Raises:
+        ValueError: If ``rules`` is empty or not a dict, or a ``grad_scale``/``per_sample`` value is invalid.
+        ConditionError: If a condition is invalid (the message lists the valid forms).
+        SelectorError: At ``setup``, if a key matches no module (and the model is no mixin with gates); after the
+            first training forward, if a gate name never ran (the message lists the gates that did).
+
+    Example:
+        >>> import lightning as L
+        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> detach = ConditionalDetach({
+        ...     "backbone.0": {"epochs": [0, 1]},                       # first epoch: block 0 gets no gradient
+        ...     "features": {"when": "always", "grad_scale": 0.5},      # the gate in forward: half the gradient
+        ... })
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[detach], logger=False,  # doctest: +SKIP
+        ...                     enable_checkpointing=False, enable_progress_bar=False)
+        >>> trainer.fit(DigitsClassifier(), DigitsDataModule())  # doctest: +SKIP
+    """
+
+    log_prefix = "conditional_detach"
+
+    def __init__(self, rules: dict[str, Any], log: bool = True) -> None:
+        super().__init__(parse_rules(rules, who="ConditionalDetach", allow_grad_scale=True), log=log)
+
+    def _ddp_reason(self) -> str:
+        cutting = [key for key, rule in self.rules.items() if rule.cuts_graph]
+        return f"rules {cutting} detach outputs, so parameters below them get no gradient on those steps"
+
+    def _attach(self, model: nn.Module) -> None:
+        modules, gates = resolve_targets(model, self.rules, who="ConditionalDetach", allow_gates=True)
+        for key, targets in modules.items():
+            for name, module in targets:
+                self._handles.append(module.register_forward_hook(self._module_hook(self.rules[key], name)))
+        self._gates = gates
+        for key in gates:
+            gate = key.removeprefix(GATE_PREFIX)
+            self._handles.append(register_gate(model, gate, self._gate_fn(self.rules[key], gate)))
+
+    def _module_hook(self, rule: Rule, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return self._apply(rule, name, output)
+
+        return hook
+
+    def _gate_fn(self, rule: Rule, gate: str) -> Any:
+        def fn(x: Any) -> Any:
+            self._gates_ran.add(gate)
+            return self._apply(rule, gate, x)
+
+        return fn
+
+    def _apply(self, rule: Rule, name: str, output: Any) -> Any:
+        ctx = self._ctx
+        if ctx is None:  # not inside a training step: validation, test, predict or a plain call
+            return output
+        decision = decide(rule, ctx, first_tensor(output), salt=name)
+        self._count(rule.key, decision)
+        if rule.grad_scale == 0.0:
+            return detach_if(output, decision)
+        if isinstance(decision, bool):
+            return scale_grad(output, rule.grad_scale) if decision else output
+        if not bool(decision.any()):
+            return output
+        factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]
+        return scale_grad(output, factors)

@@ -1,0 +1,357 @@
+"""``GradientMasking``: element-wise 0/1 masks on parameters; masked elements never change.
+
+The tensor work lives in :mod:`lit_partial.functional.masking` (kernels) and
+:mod:`lit_partial.functional.mask_builders` (specs -> masks); this callback resolves selectors, decides
+when masks are applied and rebuilt, keeps them for resume, and logs.
+
+Timing (Lightning 2.x): gradients are masked in ``on_before_optimizer_step``, which runs once per
+optimizer step (not per micro-batch under ``accumulate_grad_batches``), after AMP unscaling and after
+DDP's all-reduce, and before gradient clipping, so clipping sees the masked norm. With ``strict=True``
+the real torch optimizers in ``trainer.optimizers`` get step pre/post hooks that keep masked elements
+bit-identical (:func:`~lit_partial.functional.masking.guard_masked_elements`); they are removed in
+``teardown``.
+
+Example:
+    >>> import torch
+    >>> cb = GradientMasking({"head.1.weight": {"kind": "rows", "index": [0, 1]},
+    ...                       "backbone.*.0.weight": {"kind": "random", "keep": 0.1, "seed": 0},
+    ...                       "re:.*bias": torch.tensor(1.0)})
+    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_partial.distributed import broadcast_parameters, check_supported_strategy, world_size
+from lit_partial.functional.mask_builders import (
+    MASK_FORMS,
+    MaskError,
+    MaskSource,
+    as_bool_mask,
+    build_where_mask,
+    check_mask_source,
+    is_dynamic_spec,
+    resolve_mask_source,
+)
+from lit_partial.functional.masking import count_masked, guard_masked_elements, mask_gradients
+from lit_partial.module import partial_state
+from lit_partial.selection import as_selector_list, select_parameters
+
+__all__ = ["GradientMasking", "MaskError"]
+
+
+@dataclass
+class _Masked:
+    """One masked parameter: where its mask came from and the current bool mask (True = may change)."""
+
+    selector: str
+    name: str
+    param: nn.Parameter
+    keep: Tensor | None = None
+    dynamic: dict[str, Any] | None = None  # a "where" spec, rebuilt from the weights at every step
+    fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
+    optimizers: list[int] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (Hydra hands them to constructors)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return value
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class GradientMasking(Callback):
+    """Element-wise masks on selected parameters: elements where the mask is 0 never change.
+
+    Args:
+        masks: Maps parameter selectors (exact name, glob or ``re:<pattern>``; a module selects its
+            parameters) to a mask source: a tensor broadcasting to each selected parameter (1 = may change,
+            0 = must not); a path to a ``.pt`` file holding ``{parameter_name: tensor}``; a builder spec
+            (``{"kind": "random", "keep": f, "seed": s}``, ``{"kind": "magnitude", "keep": f, "largest": true}``,
+            ``{"kind": "rows"|"columns"|"channels", "index": [...]}``, ``{"kind": "where", "op": ">",
+            "value": 0.0}`` (rebuilt from the current weights before every step), see
+            :mod:`lit_partial.functional.mask_builders`); or a callable ``(name, param) -> mask``.
+        strict: If True (default), masked elements are bit-identical after every ``optimizer.step()`` for
+            every ``torch.optim`` optimizer (momentum, Adam moments and weight decay included): the optimizer's
+            step hooks keep and restore them, at the cost of one snapshot buffer per masked parameter (its
+            size, like one more optimizer moment; freed in ``teardown``) and two passes over it per step.
+            If False, only gradients are masked: cheapest, and exact only for plain SGD (no momentum, no
+            weight decay); other optimizers let masked elements drift.
+        log_fraction: Log ``masked_fraction/<selector>`` (fraction of frozen elements) at the logging cadence.
+        reuse_snapshots: Strict mode only: skip re-reading a masked parameter that was not written in place
+            since the last step (version counter unchanged); halves the strict cost for static masks. Set
+            False if your code writes masked elements through ``param.data`` between steps (that bypasses
+            the version counter, and the write would be undone).
+
+    Raises:
+        MaskError: Before training, for a malformed mask source, values other than 0/1, ``keep`` outside
+            ``(0, 1]``, unknown builder kinds, masks that do not broadcast, or overlapping selectors.
+        SelectorError: At ``setup``, for a selector matching no parameter (naming the closest names).
+
+    Notes:
+        * Masks are bool (1 byte per element; structured masks keep their broadcast shape), live on
+          their parameter's device and follow it. Random masks come from a generator seeded by
+          ``(seed, parameter name)``: identical on every rank and every run. Under DDP, static masks are
+          also broadcast from rank 0 once at fit start, so masks built from per-rank data agree too.
+        * Checkpoints hold every static mask keyed by parameter name; resume restores them exactly
+          (a magnitude mask is not rebuilt from the resumed weights). ``where`` masks are rebuilt.
+        * Optimizer *state* of masked elements (momentum, moments) may still change; their values do not.
+        * With fp16 ``GradScaler``, the scaler's overflow check is redone on the masked gradients, so an inf
+          only in masked positions neither skips the step nor shrinks the scale.
+        * LBFGS re-evaluates its closure inside one step; it works with static masks in strict mode,
+          but not with ``where`` masks (the mask could change inside the step), which is an error.
+
+    Example:
+        >>> cb = GradientMasking({"head.1.weight": {"kind": "where", "op": ">", "value": 0.0}})
+        >>> cb.strict
+        True
+    """
+
+    def __init__(
+        self,
+        masks: Mapping[str, MaskSource],
+        strict: bool = True,
+        log_fraction: bool = True,
+        reuse_snapshots: bool = True,
+    ) -> None:
+        masks = _plain(masks)
+        if not isinstance(masks, Mapping):
+            raise MaskError(f"`masks` must map parameter selectors to masks, got {type(masks).__name__}: {MASK_FORMS}.")
+        if not masks:
+            raise MaskError("`masks` is empty; map at least one selector to a mask, e.g. {'head.weight': mask}.")
+        if not isinstance(strict, bool):
+            raise TypeError(f"`strict` must be True or False, got {strict!r}.")
+        if not isinstance(log_fraction, bool):
+            raise TypeError(f"`log_fraction` must be True or False, got {log_fraction!r}.")
+        if not isinstance(reuse_snapshots, bool):
+            raise TypeError(f"`reuse_snapshots` must be True or False, got {reuse_snapshots!r}.")
+        self._sources: dict[str, Any] = {}
+        for selector, source in masks.items():
+            as_selector_list(selector, argument=f"masks key {selector!r}")
+            self._sources[selector] = check_mask_source(selector, _plain(source))
+        self.strict = strict
+        self.log_fraction = log_fraction
+        self.reuse_snapshots = reuse_snapshots
+        self._entries: list[_Masked] = []
+        self._handles: list[Any] = []
+        self._loaded: dict[str, Tensor] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        described = {selector: _describe(source) for selector, source in sorted(self._sources.items())}
+        return self._generate_state_key(masks=described, strict=self.strict)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current bool masks (True = may change) keyed by parameter name; empty before ``setup``."""
+        return {e.name: e.keep for e in self._entries if e.keep is not None}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_supported_strategy(trainer, "GradientMasking")
+        self._entries = self._build(pl_module)
+        if self._loaded is not None:
+            self._apply_loaded(self._loaded)
+            self._loaded = None
+        self._record_counts(pl_module)
+
+    def _build(self, model: nn.Module) -> list[_Masked]:
+        entries: list[_Masked] = []
+        owner: dict[int, str] = {}
+        for selector, source in self._sources.items():
+            for name, param in select_parameters(model, selector):
+                if id(param) in owner:
+                    raise MaskError(
+                        f"parameter {name!r} is selected by masks {owner[id(param)]!r} and {selector!r}; "
+                        "give each parameter one mask (make the selectors disjoint, e.g. with 're:...')."
+                    )
+                owner[id(param)] = selector
+                entry = _Masked(selector, name, param)
+                if is_dynamic_spec(source):
+                    entry.dynamic = source
+                    entry.keep = build_where_mask(param, source["op"], source["value"])
+                else:
+                    entry.keep = resolve_mask_source(selector, source, name, param)
+                entries.append(entry)
+        return entries
+
+    def _record_counts(self, model: nn.Module) -> None:
+        masked = partial_state(model).masked
+        for e in self._entries:
+            masked[e.name] = count_masked(e.param, e.keep)  # type: ignore[arg-type]
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for e in self._entries:  # the strategy has moved the model by now; masks follow their parameter
+            e.keep = e.keep.to(e.param.device)  # type: ignore[union-attr]
+        if world_size() > 1:
+            self._broadcast_static_masks()
+        self._remove_hooks()
+        for index, optimizer in enumerate(trainer.optimizers):
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            mine = [e for e in self._entries if id(e.param) in owned]
+            for e in mine:
+                e.optimizers.append(id(optimizer))
+            if not mine:
+                continue
+            dynamic = any(e.dynamic for e in mine)
+            if self.strict and dynamic and isinstance(optimizer, torch.optim.LBFGS):
+                raise MaskError(
+                    f"optimizer {index} is LBFGS, whose step re-evaluates the closure, while 'where' masks change "
+                    "with the weights; strict masking cannot hold one mask through such a step. Fix: use a static "
+                    "mask (e.g. a tensor or 'magnitude'), or another optimizer."
+                )
+            if self.strict:
+                self._handles.append(guard_masked_elements(optimizer, self._pairs_provider(mine), self.reuse_snapshots))
+            if dynamic:
+                self._handles.append(optimizer.register_step_post_hook(self._stale_marker(mine)))
+        total = sum(e.param.numel() for e in self._entries)
+        frozen = sum(partial_state(pl_module).masked.get(e.name, 0) for e in self._entries)
+        rank_zero_info(
+            f"GradientMasking: {len(self._entries)} parameters masked, {frozen:,} of {total:,} elements frozen "
+            f"({'strict: bit-identical for any optimizer' if self.strict else 'gradients only: exact for plain SGD'})."
+        )
+
+    def _broadcast_static_masks(self) -> None:
+        static = [e for e in self._entries if e.dynamic is None]
+        as_bytes = [e.keep.to(torch.uint8) for e in static]  # type: ignore[union-attr]
+        broadcast_parameters(as_bytes)  # gloo cannot send bool; rank 0's masks win if ranks built differently
+        for e, b in zip(static, as_bytes, strict=True):
+            e.keep = b.bool()
+
+    def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
+        def pairs() -> list[tuple[Tensor, Tensor]]:
+            self._refresh(entries)
+            return [(e.param, e.keep) for e in entries if e.param.requires_grad]  # type: ignore[misc]
+
+        return pairs
+
+    @staticmethod
+    def _stale_marker(entries: list[_Masked]) -> Callable[..., None]:
+        def mark(*_: Any) -> None:
+            for e in entries:
+                e.fresh = False
+
+        return mark
+
+    @staticmethod
+    def _refresh(entries: list[_Masked]) -> None:
+        # Rebuilt at most once per optimizer step, by whichever comes first: on_before_optimizer_step or the
+        # step pre-hook (AMP runs the closure before step(), plain precision inside it); weights do not change
+        # in between, so both see the same mask.
+        for e in entries:
+            if e.dynamic is not None and not e.fresh:
+                e.keep = build_where_mask(e.param, e.dynamic["op"], e.dynamic["value"])
+                e.fresh = True
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+        entries = [e for e in self._entries if not e.optimizers or id(raw) in e.optimizers]
+        self._refresh(entries)
+        mask_gradients([e.param for e in entries], [e.keep for e in entries])  # type: ignore[misc]
+        _recheck_scaler(trainer, raw)
+        if self.log_fraction and trainer.loggers and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._log_fractions(pl_module, entries)
+
+    def _log_fractions(self, pl_module: L.LightningModule, entries: list[_Masked]) -> None:
+        by_selector: dict[str, list[_Masked]] = {}
+        for e in entries:
+            by_selector.setdefault(e.selector, []).append(e)
+        for selector, group in by_selector.items():
+            total = sum(e.param.numel() for e in group)
+            frozen = sum(count_masked(e.param, e.keep) for e in group)  # type: ignore[arg-type]
+            pl_module.log(f"masked_fraction/{selector}", frozen / total, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(e.dynamic for e in self._entries):  # the summary's counts follow masks that change
+            self._record_counts(pl_module)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for e in self._entries:
+            e.optimizers.clear()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self._entries:
+            return {"masks": dict(self._loaded or {})}
+        static = {e.name: e.keep.detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[union-attr]
+        return {"masks": static}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        masks = dict(state_dict.get("masks", {}))
+        if self._entries:
+            self._apply_loaded(masks)
+        else:
+            self._loaded = masks
+
+    def _apply_loaded(self, masks: dict[str, Tensor]) -> None:
+        static = {e.name: e for e in self._entries if e.dynamic is None}
+        unknown = sorted(set(masks) - set(static))
+        if unknown:
+            rank_zero_warn(f"GradientMasking: the checkpoint holds masks for {unknown}, which this run does not mask.")
+        for name, mask in masks.items():
+            if name in static:
+                e = static[name]
+                e.keep = as_bool_mask(mask, name, e.param)
+
+
+def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Let fp16 ``GradScaler`` judge the masked gradients, not the raw ones.
+
+    The scaler looks for inf/NaN while unscaling, before this hook; an overflow only in masked (now zero)
+    positions would skip the step and shrink the scale for nothing, at every step if it recurs. Re-check the
+    optimizer's gradients (x * 1.0 is exact) and overwrite its verdict. Touches GradScaler internals, so any
+    mismatch with a future torch leaves the scaler's own verdict in place.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found_per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    if not found_per_device:
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for device, found in found_per_device.items():
+        on_device = [g for g in grads if g.device == device and not g.is_sparse]
+        found.zero_()
+        if on_device:
+            torch._amp_foreach_non_finite_check_and_unscale_(on_device, found, torch.ones((), device=device))
+
+
+def _describe(source: Any) -> str:
+    # Short and stable: enough for two instances with different masks to get different state keys.
+    if isinstance(source, Tensor):
+        return f"tensor{tuple(source.shape)}"
+    if isinstance(source, Mapping):
+        return repr(sorted(source.items()))
+    return str(source) if isinstance(source, Path) else getattr(source, "__qualname__", type(source).__name__)

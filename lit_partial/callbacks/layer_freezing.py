@@ -1,0 +1,359 @@
+"""``LayerFreezing``: freeze modules, and unfreeze or freeze them on a schedule, exactly under DDP and resume.
+
+The tensor work lives in :mod:`lit_partial.functional.freezing`; this callback decides when, keeps the
+state for resume, and makes DDP correct:
+
+* It freezes in ``setup``, before Lightning wraps the model in DDP, so DDP registers only what trains.
+* Parameters DDP does not know about (unfrozen later) get their gradients averaged by us in ONE coalesced
+  all-reduce in ``on_before_optimizer_step`` (once per optimizer step, so ``accumulate_grad_batches`` is
+  respected), so replicas stay bit-identical without ``find_unused_parameters``.
+* Parameters that a ``"freeze"`` entry will freeze later are kept out of DDP from the start
+  (``_ddp_params_and_buffers_to_ignore``) and reduced the same way while they train: a parameter DDP
+  registered that stops receiving gradients would make DDP fail on the next step.
+
+Example:
+    >>> import lightning as L
+    >>> cb = LayerFreezing(frozen="backbone", schedule=[{"epoch": 2, "unfreeze": "backbone.2", "lr_scale": 0.1}])
+    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lit_partial.callbacks._freezing_schedule import (
+    ScheduleEntry,
+    _plain,
+    gradual_unfreezing_schedule,
+    parse_schedule,
+    plan_phase_groups,
+    progressive_freezing_schedule,
+)
+from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, check_supported_strategy, world_size
+from lit_partial.functional.freezing import norm_layers, set_requires_grad, trainable_parameter_count
+from lit_partial.selection import Selectors, as_selector_list, match_names, select_parameters
+
+__all__ = ["LayerFreezing"]
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+
+
+class LayerFreezing(Callback):
+    """Freeze modules from the start and unfreeze (or freeze) them on a schedule of epochs or steps.
+
+    Frozen parameters get ``requires_grad=False`` and ``.grad=None``, so any optimizer (momentum, Adam, weight
+    decay) leaves them bit-identical; pass all parameters to the optimizer, or better
+    ``self.partial_param_groups(lr=...)`` (:class:`~lit_partial.PartialBackpropMixin`), which plans one group per
+    schedule phase up front so LR schedulers see every group from the first step.
+
+    Args:
+        frozen: Selectors of what is frozen from the start (exact name, glob or ``re:<pattern>``); None = nothing.
+        schedule: Entries ``{"epoch": E}`` or ``{"step": S}`` with ``"unfreeze"`` and/or ``"freeze"`` selectors
+            and an optional ``"lr_scale"`` for the group of what they unfreeze. Epoch entries apply at the start
+            of that epoch; step entries before optimizer step ``S`` (first micro-batch of its accumulation window).
+        train_bn: If True, norm layers with running statistics inside frozen modules keep training (Lightning's
+            ``BaseFinetuning`` default). If False, they are frozen and stay in eval mode, also after Lightning's
+            ``model.train()`` calls, so the frozen prefix needs no backward at all.
+
+    Example:
+        >>> cb = LayerFreezing.gradual_unfreezing(["backbone.0", "backbone.1", "backbone.2"], lr_decay=2.6)
+        >>> [e.describe() for e in cb.schedule][0]
+        'epoch 1: unfreeze backbone.2 (lr_scale 0.385)'
+    """
+
+    def __init__(self, frozen: Selectors | None = None, schedule: Sequence[Any] | None = None, train_bn: bool = False):
+        frozen = _plain(frozen)
+        self.frozen: list[str] = [] if frozen is None else as_selector_list(frozen, argument="frozen")
+        self.schedule: list[ScheduleEntry] = parse_schedule(schedule)
+        if not isinstance(train_bn, bool):
+            raise ValueError(f"`train_bn` is {train_bn!r}; expected True or False.")
+        if not self.frozen and not self.schedule:
+            raise ValueError(
+                "LayerFreezing got neither `frozen` nor `schedule`; give at least one, e.g. frozen='backbone'."
+            )
+        self.train_bn = train_bn
+        self._raw_schedule = [_plain(e) for e in (_plain(schedule) or [])]
+        self._applied: list[bool] = [False] * len(self.schedule)
+        self._held: dict[str, bool] = {}  # norm-module name -> kept in eval mode
+        self._pending_state: dict[str, Any] | None = None
+        self._model: nn.Module | None = None
+        self._ddp_known: set[int] | None = None  # ids of parameters DDP reduces; None when not distributed
+        self._ignore_added: list[str] = []
+        self._held_modules: list[nn.Module] = []
+        self.trainable_params: int | None = None
+
+    # ------------------------------------------------------------------ recipes
+    @classmethod
+    def gradual_unfreezing(
+        cls,
+        blocks: Sequence[str],
+        every_n_epochs: int = 1,
+        start_epoch: int | None = None,
+        lr_decay: float = 1.0,
+        train_bn: bool = False,
+    ) -> LayerFreezing:
+        """ULMFiT: all ``blocks`` frozen, then one more from the top every ``every_n_epochs`` epochs.
+
+        ``blocks`` run bottom to top; what is not listed (the head) trains from the start. With ``lr_decay``
+        (2.6 in ULMFiT) each block's group learns ``lr_decay`` times slower than the block above it.
+        """
+        schedule = gradual_unfreezing_schedule(blocks, every_n_epochs, start_epoch, lr_decay)
+        return cls(frozen=list(blocks), schedule=schedule, train_bn=train_bn)
+
+    @classmethod
+    def progressive_freezing(
+        cls, blocks: Sequence[str], total: int, t0: float = 0.5, unit: str = "step", train_bn: bool = False
+    ) -> LayerFreezing:
+        """FreezeOut: block ``i`` of ``N`` (bottom first) freezes at ``t0 + (1 - t0) i/(N-1)`` of ``total``."""
+        return cls(schedule=progressive_freezing_schedule(blocks, total, t0, unit), train_bn=train_bn)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(frozen=self.frozen, schedule=self._raw_schedule, train_bn=self.train_bn)
+
+    # ------------------------------------------------------------------ resolution
+    def _params(self, model: nn.Module, selectors: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+        """Parameters of ``selectors``; with ``train_bn`` the norm layers' own parameters are left out."""
+        chosen = select_parameters(model, list(selectors))
+        if not self.train_bn:
+            return chosen
+        keep = {id(p) for m in norm_layers(model) for p in m.parameters()}
+        return [(n, p) for n, p in chosen if id(p) not in keep]
+
+    @staticmethod
+    def _norms(model: nn.Module, selectors: Sequence[str]) -> list[str]:
+        """Names of running-stat norm layers under the modules that ``selectors`` name."""
+        modules = dict(model.named_modules())
+        norm_ids = {id(m) for m in norm_layers(model)}
+        hits: set[str] = set()
+        for selector in selectors:
+            for name in match_names([n for n in modules if n], selector):
+                hits.update(
+                    n for n in modules if (n == name or n.startswith(name + ".")) and id(modules[n]) in norm_ids
+                )
+        return [n for n in modules if n in hits]
+
+    def _change(self, model: nn.Module, selectors: Sequence[str], trainable: bool) -> list[str]:
+        params = self._params(model, selectors)
+        names = [n for n, p in params if p.requires_grad != trainable]
+        set_requires_grad([p for _, p in params], trainable)
+        for norm in self._norms(model, selectors):
+            self._held[norm] = not trainable and not self.train_bn
+            if not self._held[norm]:
+                model.get_submodule(norm).train(model.training)
+        self._refresh_held(model)
+        return names
+
+    def _refresh_held(self, model: nn.Module) -> None:
+        # Held in the train hooks only: eval modules before on_train_start would trip Lightning's eval-mode warning.
+        self._held_modules = [model.get_submodule(n) for n, held in self._held.items() if held]
+
+    def _hold(self) -> None:
+        for m in self._held_modules:
+            if m.training:
+                m.train(False)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_supported_strategy(trainer, "LayerFreezing")
+        self._model = pl_module
+        self._applied = [False] * len(self.schedule)  # a new fit starts the schedule; resume restores it after this
+        self._held = {}
+        for entry in self.schedule:  # resolve everything now: unknown names fail before the first step
+            self._params(pl_module, entry.unfreeze + entry.freeze)
+        if self.frozen:
+            self._change(pl_module, self.frozen, trainable=False)
+        self._warn_on_noop_unfreeze(pl_module)
+        if self._pending_state is not None:
+            self._restore(pl_module, self._pending_state)
+        self._exclude_from_ddp(trainer, pl_module)
+        self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
+
+    def _warn_on_noop_unfreeze(self, model: nn.Module) -> None:
+        # Unfreezing "backbone" after "backbone.3" is normal; a selector that finds nothing frozen is a mistake.
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        for entry in self.schedule:
+            unfreeze: set[str] = set()
+            for selector in entry.unfreeze:
+                names = [n for n, _ in self._params(model, [selector])]
+                if not frozen.intersection(names):
+                    rank_zero_warn(
+                        f"LayerFreezing schedule entry '{entry.describe()}' unfreezes {selector!r} ({names[:3]}...), "
+                        "which will not be frozen at that point, so nothing changes. Fix: freeze it first or drop it."
+                    )
+                unfreeze.update(names)
+            refrozen = {n for n, _ in self._params(model, entry.freeze)} if entry.freeze else set()
+            frozen = (frozen - unfreeze) | refrozen
+
+    def _exclude_from_ddp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A parameter DDP registered that stops getting gradients breaks DDP's next step (without the costly
+        # find_unused_parameters); keep such parameters out of DDP and reduce them ourselves.
+        if not type(trainer.strategy).__name__.lower().startswith("ddp"):  # DDP wraps even a single process
+            return
+        later = [n for e in self.schedule if e.freeze for n, _ in self._params(pl_module, e.freeze)]
+        existing = list(getattr(pl_module, _DDP_IGNORE, []))
+        self._ignore_added = [n for n in dict.fromkeys(later) if n not in existing]
+        if self._ignore_added:
+            setattr(pl_module, _DDP_IGNORE, existing + self._ignore_added)
+            if not any(p.requires_grad for n, p in pl_module.named_parameters() if n not in set(existing + later)):
+                raise ValueError(
+                    "LayerFreezing under DDP: every parameter trainable at the start is frozen later by the schedule, "
+                    "so DDP would wrap a model with nothing to reduce. Fix: keep at least one module (e.g. the head) "
+                    "trainable for the whole run."
+                )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel):
+            self._ddp_known = None
+        else:
+            ignored = set(getattr(pl_module, _DDP_IGNORE, []))
+            self._ddp_known = {id(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in ignored}
+            # DDP broadcasts only what it does not ignore; our excluded parameters start identical too.
+            broadcast_parameters([p for n, p in pl_module.named_parameters() if n in set(self._ignore_added)])
+        self._warn_on_unoptimized(trainer, pl_module)
+
+    def _warn_on_unoptimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        later = [n for e in self.schedule if e.unfreeze for n, p in self._params(pl_module, e.unfreeze)]
+        missing = [n for n in dict.fromkeys(later) if id(pl_module.get_parameter(n)) not in in_optimizer]
+        if trainer.optimizers and missing:
+            rank_zero_warn(
+                f"LayerFreezing will unfreeze {missing[:5]} (and {max(len(missing) - 5, 0)} more), which no optimizer "
+                "holds, so they will never change. Fix: pass all parameters to the optimizer (frozen ones are "
+                "skipped), or `self.partial_param_groups(lr=...)`."
+            )
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hold()
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_due(trainer, pl_module, "epoch", trainer.current_epoch)
+        self._hold()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_due(trainer, pl_module, "step", trainer.global_step)
+        self._hold()
+
+    def _apply_due(self, trainer: L.Trainer, pl_module: L.LightningModule, kind: str, now: int) -> None:
+        for i, entry in enumerate(self.schedule):
+            if self._applied[i] or entry.kind != kind or entry.point > now:
+                continue
+            unfrozen = self._change(pl_module, entry.unfreeze, trainable=True) if entry.unfreeze else []
+            frozen = self._change(pl_module, entry.freeze, trainable=False) if entry.freeze else []
+            self._applied[i] = True
+            what = "; ".join(
+                s
+                for s in (
+                    f"unfroze {len(unfrozen)} tensors ({', '.join(entry.unfreeze)})" if unfrozen else "",
+                    f"froze {len(frozen)} tensors ({', '.join(entry.freeze)})" if frozen else "",
+                )
+                if s
+            )
+            self._report(trainer, pl_module, f"{entry.kind} {entry.point}", what or "no change")
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str, what: str) -> None:
+        self.trainable_params = trainable_parameter_count(pl_module)
+        total = sum(p.numel() for p in pl_module.parameters())
+        if what:
+            rank_zero_info(
+                f"LayerFreezing at {when}: {what}; trainable parameters {self.trainable_params:,} of {total:,}"
+            )
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"layer_freezing/trainable_params": float(self.trainable_params)}, step=trainer.global_step
+            )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._ddp_known is None or world_size() < 2:
+            return
+        # Same optimizer order on every rank, so every rank passes the same list to the one collective.
+        params = [
+            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in self._ddp_known
+        ]
+        all_reduce_gradients(list(dict.fromkeys(params)))
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._ignore_added:
+            remaining = [n for n in getattr(pl_module, _DDP_IGNORE, []) if n not in set(self._ignore_added)]
+            setattr(pl_module, _DDP_IGNORE, remaining) if remaining else delattr(pl_module, _DDP_IGNORE)
+            self._ignore_added = []
+        self._ddp_known = None
+
+    # ------------------------------------------------------------------ planning (ParamGroupPlanner)
+    def plan_param_groups(self, model: nn.Module, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        """One parameter group per schedule phase, all present from the start, each named (``"name"`` key).
+
+        ``"trainable"`` holds what trains from the start, ``"unfreeze@epoch2"`` what that entry unfreezes
+        (learning rate ``lr * lr_scale``), ``"frozen"`` what the schedule never unfreezes. Every parameter
+        of ``model`` is in exactly one group.
+
+        Raises:
+            ValueError: If an entry has an ``lr_scale`` but ``defaults`` has no ``lr`` to scale.
+        """
+        initially_frozen = {n for n, _ in self._params(model, self.frozen)} if self.frozen else set()
+        phases = [("trainable", [n for n, _ in model.named_parameters() if n not in initially_frozen], 1.0)]
+        for entry in self.schedule:
+            if entry.unfreeze:
+                phases.append((entry.group_name, [n for n, _ in self._params(model, entry.unfreeze)], entry.lr_scale))
+        return plan_phase_groups(model, phases, defaults)
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        model = self._model
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] if model is not None else []
+        return {
+            "applied": list(self._applied),
+            "frozen": frozen,
+            "held_norms": sorted(n for n, h in self._held.items() if h),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict.get("applied", [])) != len(self.schedule):
+            raise ValueError(
+                f"the checkpoint's LayerFreezing state has {len(state_dict.get('applied', []))} schedule entries, this "
+                f"callback {len(self.schedule)}. Fix: resume with the schedule the checkpoint was trained with."
+            )
+        if self._model is not None:  # Lightning restores callbacks after setup and before the DDP wrap
+            self._restore(self._model, state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+    def _restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(state["frozen"]) - set(params))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint freezes parameters {unknown[:5]} this model does not have; resume the same model."
+            )
+        frozen = set(state["frozen"])
+        for name, p in params.items():
+            set_requires_grad([p], name not in frozen)
+        modules = dict(model.named_modules())
+        self._held = {n: n in set(state["held_norms"]) for n in modules if n and modules[n] in norm_layers(model)}
+        self._applied = list(state["applied"])
+        self._pending_state = None
+        self._refresh_held(model)

@@ -1,0 +1,298 @@
+"""Spend less activation memory: detach module outputs, recompute modules in backward, offload to host.
+
+Three mechanisms, each attached to selected submodules and removable through the returned handle:
+
+* :func:`detach_outputs` - a forward hook returns ``output.detach()``, so the graph below the module is
+  unreachable from the loss and freed with everything it saved (the module and all before it get no gradient).
+* :func:`checkpoint_modules` - the module's ``forward`` runs under ``torch.utils.checkpoint.checkpoint``
+  (non-reentrant, RNG state preserved): only its inputs are kept, the rest is recomputed in backward, and
+  gradients are bit-identical to the plain run. BatchNorm running statistics are restored after the
+  recomputation so they are updated once per step, not twice; a module that modifies its input in place
+  (recomputing it would read the modified input) raises :class:`UnsafeCheckpointError` naming it.
+* :func:`offload_modules` - saved tensors of the module go to (pinned) host memory via
+  ``torch.autograd.graph.save_on_cpu`` and come back for backward.
+
+Example:
+    >>> import torch
+    >>> from lit_partial.examples import ResidualFFN
+    >>> from lit_partial.functional import saved_activation_bytes
+    >>> model, x = ResidualFFN(num_blocks=4, width=8), torch.randn(2, 8)
+    >>> saved_activation_bytes(lambda: model(x).sum())  # every block keeps its input and its ReLU output
+    512
+    >>> handle = checkpoint_modules(model, "blocks.*")   # only the block inputs stay
+    >>> saved_activation_bytes(lambda: model(x).sum())
+    256
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lit_partial.selection import Selectors, outermost, select_modules
+
+__all__ = [
+    "Handles",
+    "UnsafeCheckpointError",
+    "checkpoint_modules",
+    "detach_outputs",
+    "detach_tree",
+    "offload_modules",
+    "resolve_segments",
+]
+
+When = Callable[[str, Any], bool]
+Segments = int | str | None
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpointed module cannot be recomputed faithfully (e.g. it modifies its input in place)."""
+
+
+class Handles:
+    """Removes what it holds in reverse order of attachment (forward patches must unwind like a stack)."""
+
+    def __init__(self, removers: Sequence[Callable[[], None]] = ()) -> None:
+        self._removers = list(removers)
+
+    def add(self, remover: Callable[[], None]) -> None:
+        """Register one more undo action."""
+        self._removers.append(remover)
+
+    def remove(self) -> None:
+        """Undo everything, last attached first; calling it twice is harmless."""
+        while self._removers:
+            self._removers.pop()()
+
+    def __len__(self) -> int:
+        return len(self._removers)
+
+
+def detach_tree(value: Any) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) replaced by its ``.detach()``."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuples rebuild from fields
+        return type(value)(*(detach_tree(v) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(detach_tree(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, detach_tree(v)) for k, v in value.items())
+    return value
+
+
+def detach_outputs(model: nn.Module, selectors: Selectors, *, when: When | None = None) -> Handles:
+    """Detach the outputs of the selected modules (when ``when(name, output)`` holds, default always).
+
+    Args:
+        model: The model holding the modules.
+        selectors: Which modules (see :mod:`lit_partial.selection`).
+        when: Optional predicate ``(module_name, output) -> bool`` deciding per call.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> handle = detach_outputs(model, "0")
+        >>> model(torch.randn(3, 2)).sum().backward()
+        >>> model[0].weight.grad is None, model[1].weight.grad is not None
+        (True, True)
+        >>> handle.remove()
+    """
+    handles = Handles()
+    for name, module in select_modules(model, selectors):
+
+        def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> Any:
+            if when is not None and not when(name, output):
+                return None
+            return detach_tree(output)
+
+        handles.add(module.register_forward_hook(hook).remove)
+    return handles
+
+
+def resolve_segments(segments: Segments, length: int) -> int:
+    """The number of segments for a Sequential of ``length`` children: an int, or ``"sqrt"`` = round(sqrt(N))."""
+    count = max(1, round(math.sqrt(length))) if segments == "sqrt" else int(segments or 1)
+    return min(count, length)
+
+
+def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[], None]:
+    """Replace ``module.forward`` by ``make(current_forward)``; the returned function restores it."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = make(module.forward)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if had_own:
+            module.forward = previous  # type: ignore[method-assign]
+        else:
+            module.__dict__.pop("forward", None)
+
+    return restore
+
+
+def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
+    return [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+
+
+def _norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _running_stats_restored(norms: list[nn.modules.batchnorm._NormBase]) -> Iterator[None]:
+    """Undo the running-statistics update of these BatchNorm layers (the recomputation's second one)."""
+    saved = [
+        (b, b.clone())
+        for m in norms
+        if m.training
+        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if b is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _recomputable(
+    fn: Callable[..., Any], module: nn.Module, name: str, norms: list[nn.modules.batchnorm._NormBase]
+) -> Callable[..., Any]:
+    """``fn`` for one checkpointed call: the first run checks for in-place input edits, reruns restore BN stats."""
+    first = True
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal first
+        if not first:
+            if not norms:
+                return fn(*args, **kwargs)
+            with _running_stats_restored(norms):
+                return fn(*args, **kwargs)
+        first = False
+        inputs = _tensors(args, kwargs)
+        versions = [t._version for t in inputs]
+        out = fn(*args, **kwargs)
+        if any(t._version != v for t, v in zip(inputs, versions, strict=True)):
+            raise UnsafeCheckpointError(
+                f"checkpointed module {name!r} ({type(module).__name__}) modified its input in place, so recomputing "
+                "it in backward would start from the modified input and give wrong gradients. Fix: remove it from "
+                "`checkpoint`, or make the op out-of-place (e.g. nn.ReLU(inplace=False), x = x + y instead of x += y)."
+            )
+        return out
+
+    return run
+
+
+def _checkpointed(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def checkpoint_modules(
+    model: nn.Module,
+    selectors: Selectors,
+    *,
+    segments: Segments = None,
+    enabled: Callable[[], bool] | None = None,
+) -> Handles:
+    """Recompute the selected modules in backward instead of keeping their activations.
+
+    Nested selections collapse to the outermost module. Recomputation happens only while grad is enabled
+    and ``enabled()`` holds, so evaluation under ``no_grad`` runs the plain forward.
+
+    Args:
+        model: The model holding the modules.
+        selectors: Which modules to checkpoint.
+        segments: For a selected ``nn.Sequential``: checkpoint it as this many consecutive pieces (each keeps
+            only its input), or ``"sqrt"`` for round(sqrt(len)); ``None`` checkpoints each module whole.
+        enabled: Optional switch asked at every call (the callback turns it on for training steps only).
+
+    Raises:
+        ValueError: If ``segments`` is given and a selected module is not an ``nn.Sequential``.
+    """
+    named = dict(select_modules(model, selectors))
+    chosen = [(n, named[n]) for n in outermost(named)]
+    if segments is not None:
+        not_sequential = [f"{n!r} ({type(m).__name__})" for n, m in chosen if not isinstance(m, nn.Sequential)]
+        if not_sequential:
+            raise ValueError(
+                f"`segments={segments!r}` splits an nn.Sequential into pieces, but these selected modules are not "
+                f"nn.Sequential: {', '.join(not_sequential)}. Fix: select the Sequential itself (e.g. 'blocks'), or "
+                "drop `segments`."
+            )
+    handles = Handles()
+    for name, module in chosen:
+        pieces = resolve_segments(segments, len(module)) if segments is not None else 0
+        handles.add(_patch_forward(module, _checkpoint_wrapper(module, name, pieces, enabled)))
+    return handles
+
+
+def _checkpoint_wrapper(
+    module: nn.Module, name: str, pieces: int, enabled: Callable[[], bool] | None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    split = [(piece, f"{name}[{span}]", _norms(piece)) for piece, span in _split(module, pieces)] if pieces else []
+    norms = _norms(module)  # BatchNorm layers are found once; whether they are in train mode is asked per call
+
+    def make(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
+                return forward(*args, **kwargs)
+            if not split:
+                return _checkpointed(_recomputable(forward, module, name, norms), *args, **kwargs)
+            (x,) = args  # nn.Sequential.forward takes exactly one input
+            for piece, piece_name, piece_norms in split:
+                x = _checkpointed(_recomputable(piece, piece, piece_name, piece_norms), x)
+            return x
+
+        return wrapper
+
+    return make
+
+
+def _split(seq: nn.Sequential, pieces: int) -> list[tuple[nn.Sequential, str]]:
+    """Consecutive pieces of ``seq`` (sharing its children) with their index spans ``"a:b"``."""
+    children = list(seq)
+    size, extra = divmod(len(children), pieces)
+    out, start = [], 0
+    for i in range(pieces):  # the first `extra` pieces get one more child, like numpy.array_split
+        stop = start + size + (i < extra)
+        out.append((nn.Sequential(*children[start:stop]), f"{start}:{stop}"))
+        start = stop
+    return out
+
+
+def offload_modules(
+    model: nn.Module, selectors: Selectors, *, pin_memory: bool = True, enabled: Callable[[], bool] | None = None
+) -> Handles:
+    """Keep the tensors the selected modules save for backward in host memory (``save_on_cpu``).
+
+    Args:
+        model: The model holding the modules.
+        selectors: Which modules.
+        pin_memory: Use pinned host memory (asynchronous copies); ignored when CUDA is unavailable.
+        enabled: Optional switch asked at every call.
+    """
+    pin = pin_memory and torch.cuda.is_available()
+    handles = Handles()
+    named = dict(select_modules(model, selectors))
+    for name in outermost(named):
+
+        def make(forward: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
+                    return forward(*args, **kwargs)
+                with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+                    return forward(*args, **kwargs)
+
+            return wrapper
+
+        handles.add(_patch_forward(named[name], make))
+    return handles

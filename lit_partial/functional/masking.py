@@ -1,0 +1,257 @@
+"""Element-wise gradient masks that truly freeze the masked elements, for any optimizer.
+
+Zeroing ``.grad`` where a mask is 0 is exact only for plain SGD: momentum, Adam moments and weight
+decay still move the element (SGD momentum 0.9 drifts 2.05 in 5 steps; AdamW 0.31). So there are
+two tools:
+
+* :func:`mask_gradients` zeroes masked gradient entries, exactly, even where they are NaN or inf.
+* :func:`guard_masked_elements` hooks a ``torch.optim.Optimizer`` so that every ``step()`` leaves
+  masked elements bit-identical, whatever the optimizer does: a pre-step hook keeps the masked
+  values (:func:`snapshot_masked`), a post-step hook writes them back (:func:`restore_masked`).
+
+Masks are ``torch.bool`` tensors that broadcast to their parameter: ``True`` = may change.
+
+The kernels select bits, never compute: tensors are viewed as same-width integers and multiplied by
+the mask viewed as 0/1 ``int8``. ``x * 1`` and ``x * 0`` are exact on integers, so NaN payloads, inf
+and ``-0.0`` survive or vanish bit for bit. (``grad * mask`` on floats would keep ``NaN * 0 = NaN``,
+and ``torch.where`` runs several times slower than a copy on CPU.)
+
+Memory: masks cost 1 byte per element (less for structured masks kept in broadcast shape); the
+guard keeps one snapshot buffer per guarded parameter (the size of the parameter, like one more
+optimizer moment), reused every step and freed by ``handle.remove()``. Allocating it per step instead
+costs more than the copy itself on CPU (measured: ``clone`` 2.6x a copy into an existing buffer), and
+re-reading it every step is skipped while the parameter was not written in place (see
+:func:`guard_masked_elements`), so a static-mask step costs one gradient pass and one restore pass.
+
+Example:
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2, 2))
+    >>> keep = torch.tensor([[True, False], [True, True]])
+    >>> opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
+    >>> handle = guard_masked_elements(opt, lambda: [(w, keep)])
+    >>> for _ in range(3):
+    ...     w.grad = torch.full((2, 2), float("nan"))
+    ...     mask_gradients([w], [keep])
+    ...     w.grad[keep] = 1.0
+    ...     opt.step()
+    >>> w[0, 1].item(), bool((w[keep] != 1).all())
+    (1.0, True)
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "MaskGuardHandle",
+    "count_masked",
+    "guard_masked_elements",
+    "mask_gradients",
+    "restore_masked",
+    "snapshot_masked",
+]
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+MaskPairs = Callable[[], Sequence[tuple[Tensor, Tensor]]]
+
+
+def _bits(t: Tensor) -> Tensor:
+    # Viewing as same-width ints makes the 0/1 multiply a pure bit selection (no float rounding, NaN*0).
+    return t.view(_SAME_WIDTH_INT[t.element_size()])
+
+
+def _as_01(mask: Tensor) -> Tensor:
+    return (mask if mask.dtype == torch.bool else mask != 0).view(torch.int8)
+
+
+def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
+    """Set ``param.grad`` to exactly ``+0.0`` wherever its mask is 0, in place (NaN and inf included).
+
+    Parameters without a gradient are skipped. This alone freezes masked elements only under plain SGD
+    (no momentum, no weight decay); for any other optimizer add :func:`guard_masked_elements`.
+
+    Args:
+        params: Parameters whose ``.grad`` is masked.
+        masks: One mask per parameter, bool (fastest) or 0/1 numbers, broadcasting to the parameter.
+
+    Raises:
+        TypeError: If a gradient is sparse (e.g. ``nn.Embedding(sparse=True)``).
+
+    Example:
+        >>> p = torch.zeros(3, requires_grad=True)
+        >>> p.grad = torch.tensor([float("nan"), float("inf"), 2.0])
+        >>> mask_gradients([p], [torch.tensor([False, False, True])])
+        >>> p.grad
+        tensor([0., 0., 2.])
+    """
+    grads, keeps = [], []
+    for param, mask in zip(params, masks, strict=True):
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            raise TypeError(
+                "mask_gradients got a sparse gradient; masks need dense gradients. "
+                "Fix: build the embedding with sparse=False."
+            )
+        grads.append(_bits(grad))
+        keeps.append(_as_01(mask).to(grad.device, non_blocking=True))
+    if grads:
+        with torch.no_grad():
+            # One C++ call for all tensors (a fused kernel where dtypes and shapes allow it).
+            torch._foreach_mul_(grads, keeps)
+
+
+def snapshot_masked(
+    params: Sequence[Tensor], masks: Sequence[Tensor], out: Sequence[Tensor] | None = None
+) -> list[Tensor]:
+    """Copies of ``params`` holding their values where the mask is 0 and zeros where it is 1.
+
+    Pass the result to :func:`restore_masked` after the optimizer step.
+
+    Args:
+        params: The parameters to keep.
+        masks: Their masks (True / 1 = may change).
+        out: Buffers shaped like ``params`` to write into; reusing them across steps avoids allocating
+            (and, on CPU, page-faulting) a parameter-sized tensor per step, which costs more than the copy.
+    """
+    buffers = list(out) if out is not None else [torch.empty_like(p) for p in params]
+    with torch.no_grad():
+        for param, mask, snapshot in zip(params, masks, buffers, strict=True):
+            _snapshot_into(param, _frozen_01(mask), snapshot)
+    return buffers
+
+
+def _snapshot_into(param: Tensor, frozen_01: Tensor, snapshot: Tensor) -> None:
+    torch.mul(_bits(param), frozen_01, out=_bits(snapshot))
+
+
+def _frozen_01(mask: Tensor) -> Tensor:
+    return torch.logical_not(mask).view(torch.int8)
+
+
+def restore_masked(params: Sequence[Tensor], masks: Sequence[Tensor], snapshots: Sequence[Tensor]) -> None:
+    """Write the values :func:`snapshot_masked` kept back into the masked elements, bit for bit, in place.
+
+    Elements where the mask is 1 keep their current value.
+    """
+    with torch.no_grad():
+        for param, mask, snapshot in zip(params, masks, snapshots, strict=True):
+            bits = _bits(param)
+            # snapshot is 0 where mask is 1 and param*mask is 0 where mask is 0: one pass, no overlap.
+            torch.addcmul(_bits(snapshot), bits, _as_01(mask), out=bits)
+
+
+def count_masked(param: Tensor, mask: Tensor) -> int:
+    """How many elements of ``param`` the (broadcasting) ``mask`` freezes.
+
+    Example:
+        >>> count_masked(torch.zeros(4, 3), torch.tensor([[True], [False], [False], [True]]))
+        6
+    """
+    kept = int((mask if mask.dtype == torch.bool else mask != 0).sum()) * (param.numel() // max(mask.numel(), 1))
+    return param.numel() - kept
+
+
+class MaskGuardHandle:
+    """Removes the step hooks :func:`guard_masked_elements` put on an optimizer."""
+
+    def __init__(self, handles: Sequence[Any], on_remove: Callable[[], None] | None = None) -> None:
+        self._handles = list(handles)
+        self._on_remove = on_remove
+
+    def remove(self) -> None:
+        """Remove both hooks; calling it twice is harmless."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._on_remove is not None:
+            self._on_remove()  # frees the snapshot buffers
+
+
+def guard_masked_elements(optimizer: Optimizer, masks: MaskPairs, reuse_snapshots: bool = True) -> MaskGuardHandle:
+    """Make every ``optimizer.step()`` leave masked elements bit-identical, for any optimizer.
+
+    A step pre-hook calls ``masks()`` for the current ``(param, mask)`` pairs and keeps the masked
+    values of the parameters this optimizer holds; a post-hook writes them back. Momentum, Adam moments
+    and weight decay may still update the optimizer *state* of masked elements; their *values* never
+    change. Masks may change between steps (``masks()`` is called at every step). If the step raises
+    or is skipped (e.g. ``GradScaler`` found inf), nothing is restored and nothing was changed.
+
+    Args:
+        optimizer: A ``torch.optim.Optimizer`` (not a Lightning wrapper: pass ``trainer.optimizers[i]``).
+        masks: Called once per step, returns ``(param, bool_mask)`` pairs.
+        reuse_snapshots: Skip re-reading a parameter whose mask is the same object as last step and which
+            was not written in place since the last restore (PyTorch's version counter and storage pointer
+            unchanged): its masked values are still in the buffer. This halves the strict cost for static
+            masks. Writes through ``param.data`` bypass the version counter, so such a write to a masked
+            element between steps would be undone; pass False if your code does that (or write under
+            ``torch.no_grad()`` without ``.data``).
+
+    Returns:
+        A handle whose ``remove()`` detaches both hooks.
+    """
+    slots: dict[int, _Slot] = {}  # id(param) -> its snapshot buffer and what the buffer holds
+    pending: list[list[tuple[Tensor, _Slot]]] = []
+
+    def before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        owned = {id(p) for group in opt.param_groups for p in group["params"]}
+        guarded = []
+        with torch.no_grad():
+            for param, mask in masks():
+                if id(param) in owned:
+                    slot = slots.get(id(param))
+                    if slot is None:
+                        slot = slots[id(param)] = _Slot()
+                    slot.take(
+                        param, (mask if mask.dtype == torch.bool else mask != 0).to(param.device), reuse_snapshots
+                    )
+                    guarded.append((param, slot))
+        pending[:] = [guarded]
+
+    def after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        if pending:
+            with torch.no_grad():
+                for param, slot in pending.pop():
+                    slot.put_back(param)
+
+    return MaskGuardHandle(
+        [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)],
+        on_remove=slots.clear,
+    )
+
+
+class _Slot:
+    """One guarded parameter: a reused snapshot buffer and the (mask, version, storage) it was taken under.
+
+    Masked values never change, so after a restore the buffer still holds them; the next step re-reads the
+    parameter only if the mask changed or the parameter was written in place since (its version counter moved,
+    e.g. ``load_state_dict``, or its storage was swapped). That halves the strict cost for static masks.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+        self.mask: Tensor | None = None
+        self.frozen: Tensor | None = None
+        self.stamp: tuple[int, int] | None = None
+
+    def take(self, param: Tensor, mask: Tensor, reuse: bool) -> None:
+        if mask is not self.mask:
+            self.mask, self.frozen, self.stamp = mask, _frozen_01(mask), None
+        buf = self.buffer
+        if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
+            self.buffer, self.stamp = torch.empty_like(param), None
+        if not reuse or self.stamp != (param._version, param.data_ptr()):
+            _snapshot_into(param, self.frozen, self.buffer)  # type: ignore[arg-type]
+
+    def put_back(self, param: Tensor) -> None:
+        bits = _bits(param)
+        torch.addcmul(_bits(self.buffer), bits, _as_01(self.mask), out=bits)  # type: ignore[arg-type]
+        self.stamp = (param._version, param.data_ptr())
