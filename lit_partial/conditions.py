@@ -41,7 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_partial._plain import to_plain
+
 __all__ = [
+    "COMPARISONS",
     "STATISTICS",
     "AllOf",
     "Always",
@@ -210,7 +213,7 @@ STATISTICS: dict[str, Callable[[Tensor, tuple[int, ...] | None], Tensor]] = {
     "std": lambda x, d: x.std(dim=d) if d else x.std(),
     "norm": _norm,
 }
-_OPS: dict[str, Callable[[Any, Any], Any]] = {
+COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
     ">": operator.gt,
     ">=": operator.ge,
     "<": operator.lt,
@@ -233,14 +236,14 @@ class Statistic(Condition):
         if x is None:
             raise ConditionError(f"the statistic condition {self} needs the activation tensor, and none was given.")
         with torch.no_grad():
-            return bool(_OPS[self.op](STATISTICS[self.stat](x.detach().float(), None), self.value))
+            return bool(COMPARISONS[self.op](STATISTICS[self.stat](x.detach().float(), None), self.value))
 
     def per_sample(self, x: Tensor) -> Tensor:
         """The condition per batch row: a bool tensor of shape ``(x.shape[0],)``."""
         with torch.no_grad():
             dims = tuple(range(1, x.dim())) or None
             values = STATISTICS[self.stat](x.detach().float(), dims) if dims else x.detach().float()
-            return _OPS[self.op](values, self.value)
+            return COMPARISONS[self.op](values, self.value)
 
 
 @dataclass(frozen=True)
@@ -299,8 +302,8 @@ def _statistic(spec: Mapping[str, Any]) -> Statistic:
     stat, op, value = spec.get("stat"), spec.get("op"), spec.get("value")
     if stat not in STATISTICS:
         raise ConditionError(f"condition {dict(spec)!r}: `stat` must be one of {sorted(STATISTICS)}, got {stat!r}.")
-    if op not in _OPS:
-        raise ConditionError(f"condition {dict(spec)!r}: `op` must be one of {list(_OPS)}, got {op!r}.")
+    if op not in COMPARISONS:
+        raise ConditionError(f"condition {dict(spec)!r}: `op` must be one of {list(COMPARISONS)}, got {op!r}.")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConditionError(f"condition {dict(spec)!r}: `value` must be a finite number, got {value!r}.")
     return Statistic(stat, op, float(value))
@@ -345,7 +348,7 @@ def parse_condition(spec: Any) -> Condition:
         return Always()
     if spec in ("never", False):
         return Never()
-    spec = _to_plain(spec)
+    spec = to_plain(spec)
     if isinstance(spec, Mapping):
         for key, (allowed, build) in _FORMS.items():
             if key in spec:
@@ -357,14 +360,3 @@ def parse_condition(spec: Any) -> Condition:
                     )
                 return build(spec)
     raise ConditionError(f"invalid condition {spec!r}. Valid forms: {VALID_FORMS}.")
-
-
-def _to_plain(spec: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(spec, DictConfig | ListConfig):
-            return OmegaConf.to_container(spec, resolve=True)
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        pass
-    return spec

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from lit_partial._plain import to_plain
 from lit_partial.selection import as_selector_list
 
 __all__ = [
@@ -68,19 +69,8 @@ class ScheduleEntry:
         return f"unfreeze@{self.kind}{self.point}"
 
 
-def _plain(value: Any) -> Any:
-    # Hydra hands over DictConfig/ListConfig; everything below expects plain containers.
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def _entry(index: int, raw: Any) -> ScheduleEntry:
-    raw = _plain(raw)
+    raw = to_plain(raw)
     where = f"schedule[{index}]"
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where} is {raw!r}; every schedule entry must be a dict such as {_EXAMPLE}.")
@@ -117,7 +107,7 @@ def parse_schedule(schedule: Any) -> list[ScheduleEntry]:
     Raises:
         ValueError: Naming the bad entry, what was expected and an example.
     """
-    schedule = _plain(schedule)
+    schedule = to_plain(schedule)
     if schedule is None:
         return []
     if isinstance(schedule, Mapping | str) or not isinstance(schedule, Sequence):

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_partial._plain import to_plain
 from lit_partial.conditions import (
     AllOf,
     AnyOf,
@@ -49,18 +50,6 @@ class Rule:
     def cuts_graph(self) -> bool:
         """True when the rule can leave upstream parameters without any gradient on some step."""
         return not self.per_sample and self.grad_scale == 0.0 and not isinstance(self.condition, Never)
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (Hydra hands them to constructors)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        pass
-    return value
 
 
 def parse_rules(rules: Any, *, who: str, allow_grad_scale: bool) -> dict[str, Rule]:

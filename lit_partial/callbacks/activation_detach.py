@@ -11,23 +11,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lit_partial._plain import to_plain
 from lit_partial.conditions import Always, Condition, StepContext, parse_condition
 from lit_partial.distributed import allow_unused_parameters, check_supported_strategy
 from lit_partial.functional.activation_cuts import Handles, checkpoint_modules, detach_outputs, offload_modules
 from lit_partial.selection import Selectors, as_selector_list, select_modules
 
 __all__ = ["ActivationDetach"]
-
-
-def _plain(value: Any) -> Any:
-    try:  # Hydra hands over DictConfig/ListConfig; everything below expects plain containers
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra, an optional dependency
-        pass
-    return value
 
 
 def _first_tensor(value: Any) -> Any:
@@ -85,7 +75,7 @@ class ActivationDetach(Callback):
         offload: Selectors | None = None,
         segments: int | str | None = None,
     ) -> None:
-        at, checkpoint, offload = _plain(at), _plain(checkpoint), _plain(offload)
+        at, checkpoint, offload = to_plain(at), to_plain(checkpoint), to_plain(offload)
         if at is None and checkpoint is None and offload is None:
             raise ValueError(
                 "ActivationDetach needs at least one of `at`, `checkpoint`, `offload`, e.g. "

@@ -9,7 +9,8 @@ from typing import Any
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets, to_plain
+from lit_partial._plain import to_plain
+from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
 from lit_partial.functional.gradients import first_tensor, skip_rows
 from lit_partial.selection import Selectors, as_selector_list, select_modules

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_partial._plain import to_plain
 from lit_partial.distributed import broadcast_parameters, check_supported_strategy, world_size
 from lit_partial.functional.mask_builders import (
     MASK_FORMS,
@@ -62,17 +63,6 @@ class _Masked:
     dynamic: dict[str, Any] | None = None  # a "where" spec, rebuilt from the weights at every step
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (Hydra hands them to constructors)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 class GradientMasking(Callback):
@@ -129,7 +119,7 @@ class GradientMasking(Callback):
         log_fraction: bool = True,
         reuse_snapshots: bool = True,
     ) -> None:
-        masks = _plain(masks)
+        masks = to_plain(masks)
         if not isinstance(masks, Mapping):
             raise MaskError(f"`masks` must map parameter selectors to masks, got {type(masks).__name__}: {MASK_FORMS}.")
         if not masks:
@@ -143,7 +133,7 @@ class GradientMasking(Callback):
         self._sources: dict[str, Any] = {}
         for selector, source in masks.items():
             as_selector_list(selector, argument=f"masks key {selector!r}")
-            self._sources[selector] = check_mask_source(selector, _plain(source))
+            self._sources[selector] = check_mask_source(selector, to_plain(source))
         self.strict = strict
         self.log_fraction = log_fraction
         self.reuse_snapshots = reuse_snapshots

@@ -29,9 +29,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_partial._plain import to_plain
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
-    _plain,
     gradual_unfreezing_schedule,
     parse_schedule,
     plan_phase_groups,
@@ -70,7 +70,7 @@ class LayerFreezing(Callback):
     """
 
     def __init__(self, frozen: Selectors | None = None, schedule: Sequence[Any] | None = None, train_bn: bool = False):
-        frozen = _plain(frozen)
+        frozen = to_plain(frozen)
         self.frozen: list[str] = [] if frozen is None else as_selector_list(frozen, argument="frozen")
         self.schedule: list[ScheduleEntry] = parse_schedule(schedule)
         if not isinstance(train_bn, bool):
@@ -80,7 +80,7 @@ class LayerFreezing(Callback):
                 "LayerFreezing got neither `frozen` nor `schedule`; give at least one, e.g. frozen='backbone'."
             )
         self.train_bn = train_bn
-        self._raw_schedule = [_plain(e) for e in (_plain(schedule) or [])]
+        self._raw_schedule = [to_plain(e) for e in (to_plain(schedule) or [])]
         self._applied: list[bool] = [False] * len(self.schedule)
         self._held: dict[str, bool] = {}  # norm-module name -> kept in eval mode
         self._pending_state: dict[str, Any] | None = None

@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lit_partial.conditions import COMPARISONS
 
 __all__ = [
     "MASK_FORMS",
@@ -73,14 +74,7 @@ MASK_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "where": (("op", "value"), ()),
 }
 
-WHERE_OPS: dict[str, Callable[[Tensor, float], Tensor]] = {
-    ">": operator.gt,
-    ">=": operator.ge,
-    "<": operator.lt,
-    "<=": operator.le,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
+WHERE_OPS = COMPARISONS  # the same comparisons as statistic conditions
 
 _INDEX_DIM = {"rows": 0, "columns": 1, "channels": 0}
 

@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,26 +53,35 @@ def ffn_setup(
 
 
 def time_side_by_side(
-    fns: dict[str, Callable[[], Any]], *, warmup: int = 3, rounds: int = 7, iters: int = 10
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    rounds: int = 7,
+    iters: int = 10,
+    reduce: Literal["median", "min"] = "median",
 ) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds.
+    """Seconds per call of each function, measured in interleaved rounds whose order rotates every round.
 
-    Interleaving (A, B, C, A, B, C, ...) means drift in machine load hits every variant alike, so the
-    ratios between them are meaningful even on a shared machine; absolute times are not.
+    Interleaving (A, B, C, B, C, A, ...) means drift in machine load hits every variant alike, so the ratios
+    between them are meaningful even on a shared machine; absolute times are not. ``reduce="min"`` reports
+    each variant's best round: noise on a shared CPU only ever adds time, so the best round is the closest
+    to the true cost.
     """
+    names = list(fns)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync()
             start = time.perf_counter()
             for _ in range(iters):
-                fn()
+                fns[name]()
             _sync()
             samples[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    pick = min if reduce == "min" else statistics.median
+    return {name: pick(values) for name, values in samples.items()}
 
 
 def _sync() -> None:

@@ -18,7 +18,6 @@ BatchNorm: there ``train_bn=True`` keeps backward running through the whole froz
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,30 +30,9 @@ from torch import nn
 from lit_partial import LayerFreezing
 from lit_partial.examples.models import DigitsCNN
 from lit_partial.functional import count_flops, hold_norm_statistics
-from scripts.bench._common import Section, _sync, ffn_setup
+from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
 FROZEN_BLOCKS = 4
-
-
-def _time_best_of(fns: dict[str, Callable[[], Any]], *, rounds: int, iters: int) -> dict[str, float]:
-    """Fastest round (seconds per call) of each function; rounds interleaved, their order rotated each round.
-
-    On a shared CPU noise only adds time, so the best round is closest to the true cost; rotating the order
-    keeps a variant from always running right after the heaviest one.
-    """
-    names = list(fns)
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(names, float("inf"))
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            _sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                fns[name]()
-            _sync()
-            best[name] = min(best[name], (time.perf_counter() - start) / iters)
-    return best
 
 
 def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -128,9 +106,11 @@ def _section_rows(make: Callable[[], tuple[nn.Module, Any, Any]], frozen: list[s
         "no freezing",
     ]
     variants = {n: _variant(n, make, frozen) for n in names}
-    times = _time_best_of({n: v["step"] for n, v in variants.items()}, rounds=rounds, iters=iters)
+    steps = {n: v["step"] for n, v in variants.items()}
+    times = time_side_by_side(steps, warmup=1, rounds=rounds, iters=iters, reduce="min")
     ref, full_flops = times[names[0]], variants["no freezing"]["flops"]
-    hooks = _time_best_of({"hooks": variants["LayerFreezing"]["hooks"]}, rounds=rounds, iters=200)["hooks"]
+    hook_fn = {"hooks": variants["LayerFreezing"]["hooks"]}
+    hooks = time_side_by_side(hook_fn, warmup=1, rounds=rounds, iters=200, reduce="min")["hooks"]
     rows = [
         {
             "variant": n,

@@ -12,7 +12,6 @@ alternatives (``torch.where``, ``masked_fill_``) that the bit-select kernels rep
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,29 +20,7 @@ import torch.nn.functional as F
 
 from lit_partial.functional.mask_builders import build_random_mask
 from lit_partial.functional.masking import guard_masked_elements, mask_gradients, restore_masked, snapshot_masked
-from scripts.bench._common import Section, _sync, ffn_setup
-
-
-def time_best_of(fns: dict[str, Callable[[], Any]], *, warmup: int, rounds: int, iters: int) -> dict[str, float]:
-    """Fastest round (seconds per call) of each function, rounds interleaved (A, B, C, A, B, C, ...).
-
-    On a shared CPU noise only ever adds time, so the best round is the closest to the true cost and the
-    ratio of best rounds is far steadier than a ratio of medians.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            _sync()
-            best[name] = min(best[name], (time.perf_counter() - start) / iters)
-    return best
-
+from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
 KEEP = 0.1
 
@@ -148,7 +125,7 @@ def run(args: Any) -> Section:
     rounds, iters = (4, 3) if args.quick else (15, 5)
     variants = ("none", "grads only (strict=False)", "strict")
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
-    times = time_best_of(steps, warmup=2, rounds=rounds, iters=iters)
+    times = time_side_by_side(steps, warmup=2, rounds=rounds, iters=iters, reduce="min")
     rows: list[dict[str, Any]] = []
     for (opt, variant), t in times.items():
         base = times[(opt, "none")]
@@ -160,7 +137,7 @@ def run(args: Any) -> Section:
                 "target": {"none": "", "strict": "<= +8%"}.get(variant, "<= +3%"),
             }
         )
-    adam = time_best_of(_adamw_on_zeros(device), warmup=2, rounds=rounds, iters=iters)
+    adam = time_side_by_side(_adamw_on_zeros(device), warmup=2, rounds=rounds, iters=iters, reduce="min")
     dense = adam["AdamW.step alone: dense grads"]
     rows += [
         {
@@ -172,7 +149,7 @@ def run(args: Any) -> Section:
         for name, t in adam.items()
     ]
     fns, moved = _kernels(device)
-    ktimes = time_best_of(fns, warmup=3, rounds=2 * rounds, iters=4 * iters)
+    ktimes = time_side_by_side(fns, warmup=3, rounds=2 * rounds, iters=4 * iters, reduce="min")
     copy_bw = moved["plain copy (reference)"] / ktimes["plain copy (reference)"]
     for name, t in ktimes.items():
         bw = moved[name] / t
