@@ -26,6 +26,20 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
+class RecordGrads(Callback):
+    """Per optimizer step: which parameters got no gradient, and a copy of every gradient."""
+
+    def __init__(self) -> None:
+        self.no_grad: list[set[str]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        params = dict(pl_module.named_parameters())
+        self.no_grad.append({n for n, p in params.items() if p.grad is None})
+        self.grads.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+
+
 class SaveParamsPerRank(Callback):
     """At the end of fit, every rank writes ``{name: tensor}`` of all parameters and buffers to ``dir/rank{r}.pt``.
 

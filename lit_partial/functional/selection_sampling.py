@@ -83,10 +83,7 @@ def select_topk(losses: Tensor, keep: float) -> Tensor:
         >>> select_topk(torch.tensor([3.0, 1.0, 2.0]), keep=2 / 3)
         tensor([0, 2])
     """
-    _check_losses(losses)
-    k = num_kept(losses.numel(), keep)
-    order = torch.sort(losses.detach(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
+    return _extreme_indices(losses, keep, highest=True)
 
 
 def select_outliers(losses: Tensor, keep: float) -> Tensor:
@@ -96,10 +93,13 @@ def select_outliers(losses: Tensor, keep: float) -> Tensor:
         >>> select_outliers(torch.tensor([3.0, 1.0, 2.0]), keep=2 / 3)
         tensor([1, 2])
     """
+    return _extreme_indices(losses, keep, highest=False)
+
+
+def _extreme_indices(losses: Tensor, keep: float, *, highest: bool) -> Tensor:
     _check_losses(losses)
-    k = num_kept(losses.numel(), keep)
-    order = torch.sort(losses.detach(), descending=False, stable=True).indices
-    return torch.sort(order[:k]).values
+    order = torch.sort(losses.detach(), descending=highest, stable=True).indices  # stable: ties keep lower indices
+    return torch.sort(order[: num_kept(losses.numel(), keep)]).values
 
 
 def probability_beta(keep: float) -> float:

@@ -19,22 +19,9 @@ from lit_partial import ConditionalDetach, ConditionError, SelectorError
 from lit_partial.conditions import Probability, StepContext, uniform_draw
 from lit_partial.distributed import allow_unused_parameters
 from tests._ddp_script_dynamic import TinyNet, tiny_loader
-from tests.helpers import assert_states_bitwise_equal, load_rank_states, quiet_trainer
+from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class RecordGrads(Callback):
-    """Per optimizer step: which parameters got no gradient, and a copy of every gradient."""
-
-    def __init__(self) -> None:
-        self.no_grad: list[set[str]] = []
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        params = dict(pl_module.named_parameters())
-        self.no_grad.append({n for n, p in params.items() if p.grad is None})
-        self.grads.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
 
 
 def fit(callbacks: list[Callback], steps: int, model: L.LightningModule | None = None, **kw: Any) -> L.LightningModule:

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,18 +14,7 @@ from lit_partial import ConditionalSkip, ConditionError, SelectorError, Stochast
 from lit_partial.callbacks.conditional_skip import stochastic_depth_rates
 from lit_partial.conditions import Probability, StepContext, uniform_draw
 from tests._ddp_script_dynamic import TinyNet, main, tiny_loader
-from tests.helpers import assert_states_bitwise_equal, load_rank_states, quiet_trainer
-
-
-class RecordNoGrad(Callback):
-    def __init__(self) -> None:
-        self.no_grad: list[set[str]] = []
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        params = dict(pl_module.named_parameters())
-        self.no_grad.append({n for n, p in params.items() if p.grad is None})
-        self.grads.append({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
 
 
 def fit(callbacks: list[Callback], steps: int, **kw: Any) -> TinyNet:
@@ -84,7 +72,7 @@ def tiny_data_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_stochastic_depth_linear_rates_and_draws() -> None:
     assert stochastic_depth_rates(3, 0.6) == pytest.approx([0.2, 0.4, 0.6])
-    record = RecordNoGrad()
+    record = RecordGrads()
     depth = StochasticDepth(blocks="blocks.*", drop_rate=0.6, seed=5)
     fit([depth, record], steps=8)
     rates = stochastic_depth_rates(3, 0.6)
@@ -97,7 +85,7 @@ def test_stochastic_depth_linear_rates_and_draws() -> None:
 
 
 def test_per_sample_skip_matches_reference_rows() -> None:
-    record = RecordNoGrad()
+    record = RecordGrads()
     fit([ConditionalSkip({"blocks.0": {"when": {"probability": 0.5, "seed": 1}, "per_sample": True}}), record], 1)
     mask = Probability(0.5, 1).per_sample(StepContext(), 8, salt="blocks.0")
     assert 0 < int(mask.sum()) < 8
