@@ -78,15 +78,10 @@ def test_cli_bad_value_fails_cleanly(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_process_ddp_spawn_run(tmp_path: Path) -> None:
+    # Each rank sees half the data per epoch, so 6 epochs take as many steps as 3 single-process ones.
     cfg = compose_main(
-        "trainer=ddp",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=4",
-        "callbacks=none",
-        "logger=none",
-        *QUIET,
-        output_dir=str(tmp_path),
+        "trainer=ddp", "trainer.max_epochs=6", "callbacks=none", "logger=none", *QUIET, output_dir=str(tmp_path)
     )
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp_spawn"
     metrics = train(cfg)
-    assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
+    assert metrics["val_acc"] >= 0.9  # learns as the single-process job does (measured 0.98)

@@ -203,7 +203,7 @@ class DynamicGraphCallback(Callback):
 
     def fractions(self) -> dict[str, float]:
         """Per rule key, the fraction of decisions (steps x modules, or samples) that held since fit started."""
-        return {key: (hits / total if total else 0.0) for key, (hits, total) in self.totals.items()}
+        return {key: (float(hits) / total if total else 0.0) for key, (hits, total) in self.totals.items()}
 
     # -- hooks ---------------------------------------------------------------------------------------------
     @override
@@ -252,13 +252,14 @@ class DynamicGraphCallback(Callback):
             return
         # Every rank logs every key once per epoch, so the cross-rank mean (sync_dist) cannot wait on a missing key.
         for key, (hits, total) in self.epoch_counts.items():
-            pl_module.log(f"{self.log_prefix}/{key}", hits / total if total else 0.0, on_epoch=True, sync_dist=True)
+            fraction = float(hits) / total if total else 0.0
+            pl_module.log(f"{self.log_prefix}/{key}", fraction, on_epoch=True, sync_dist=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "totals": {key: list(value) for key, value in self.totals.items()},
-            "epoch_counts": {key: list(value) for key, value in self.epoch_counts.items()},
+            "totals": {key: [float(v) for v in value] for key, value in self.totals.items()},
+            "epoch_counts": {key: [float(v) for v in value] for key, value in self.epoch_counts.items()},
         }
 
     @override
@@ -276,9 +277,9 @@ class DynamicGraphCallback(Callback):
         raise NotImplementedError
 
     def _count(self, key: str, decision: bool | Tensor) -> None:
-        hits, total = (
-            (float(decision.sum()), decision.numel()) if isinstance(decision, Tensor) else (float(decision), 1)
-        )
+        # Per-sample decisions stay on their device: float() here would sync the GPU once per rule per step.
+        # Counts become floats only where they are read (fractions, logging, state_dict).
+        hits, total = (decision.sum(), decision.numel()) if isinstance(decision, Tensor) else (float(decision), 1)
         for counts in (self.totals.setdefault(key, [0.0, 0.0]), self.epoch_counts.setdefault(key, [0.0, 0.0])):
             counts[0] += hits
             counts[1] += total

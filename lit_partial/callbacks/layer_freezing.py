@@ -86,6 +86,7 @@ class LayerFreezing(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._model: nn.Module | None = None
         self._ddp_known: set[int] | None = None  # ids of parameters DDP reduces; None when not distributed
+        self._unsynced: dict[int, list[nn.Parameter]] = {}  # optimizer id -> trainable params DDP does not reduce
         self._ignore_added: list[str] = []
         self._held_modules: list[nn.Module] = []
         self.trainable_params: int | None = None
@@ -146,6 +147,7 @@ class LayerFreezing(Callback):
         params = self._params(model, selectors)
         names = [n for n, p in params if p.requires_grad != trainable]
         set_requires_grad([p for _, p in params], trainable)
+        self._unsynced.clear()
         for norm in self._norms(model, selectors):
             self._held[norm] = not trainable and not self.train_bn
             if not self._held[norm]:
@@ -221,6 +223,7 @@ class LayerFreezing(Callback):
         else:
             ignored = set(getattr(pl_module, _DDP_IGNORE, []))
             self._ddp_known = {id(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in ignored}
+            self._unsynced.clear()
             # DDP broadcasts only what it does not ignore; our excluded parameters start identical too.
             broadcast_parameters([p for n, p in pl_module.named_parameters() if n in set(self._ignore_added)])
         self._warn_on_unoptimized(trainer, pl_module)
@@ -287,11 +290,14 @@ class LayerFreezing(Callback):
     ) -> None:
         if self._ddp_known is None or world_size() < 2:
             return
-        # Same optimizer order on every rank, so every rank passes the same list to the one collective.
-        params = [
-            p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in self._ddp_known
-        ]
-        all_reduce_gradients(list(dict.fromkeys(params)))
+        # Built once per schedule change, not every step. Same optimizer order on every rank, so every rank
+        # passes the same list to the one collective.
+        params = self._unsynced.get(id(optimizer))
+        if params is None:
+            known = self._ddp_known
+            wanted = (p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in known)
+            params = self._unsynced[id(optimizer)] = list(dict.fromkeys(wanted))
+        all_reduce_gradients(params)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -300,6 +306,7 @@ class LayerFreezing(Callback):
             setattr(pl_module, _DDP_IGNORE, remaining) if remaining else delattr(pl_module, _DDP_IGNORE)
             self._ignore_added = []
         self._ddp_known = None
+        self._unsynced.clear()
 
     # ------------------------------------------------------------------ planning (ParamGroupPlanner)
     def plan_param_groups(self, model: nn.Module, defaults: dict[str, Any]) -> list[dict[str, Any]]:
@@ -352,6 +359,7 @@ class LayerFreezing(Callback):
         frozen = set(state["frozen"])
         for name, p in params.items():
             set_requires_grad([p], name not in frozen)
+        self._unsynced.clear()
         modules = dict(model.named_modules())
         self._held = {n: n in set(state["held_norms"]) for n in modules if n and modules[n] in norm_layers(model)}
         self._applied = list(state["applied"])
