@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from lit_partial._plain import to_plain
+from lit_partial.errors import ConditionError
 
 __all__ = [
     "COMPARISONS",
@@ -67,10 +68,6 @@ VALID_FORMS = (
     '{"probability": p}, {"stat": "mean"|"max"|"min"|"norm"|"std"|"abs_mean", "op": ">"|">="|"<"|"<="|"=="|"!=", '
     '"value": v}, {"all": [...]}, {"any": [...]}'
 )
-
-
-class ConditionError(ValueError):
-    """A condition spec is malformed; the message lists the valid forms."""
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lit_partial.errors import UnsupportedStrategyError
+
 __all__ = ["UnsupportedStrategyError", "check_supported_strategy", "strategy_name", "world_size"]
 
 #: Strategy families every lit_partial callback supports today (single device, DDP, DDP spawn).
 SUPPORTED_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
-
-
-class UnsupportedStrategyError(RuntimeError):
-    """The trainer's strategy is one a callback cannot yet make correct."""
 
 
 def strategy_name(trainer: Any) -> str:

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
+from lit_partial.errors import SelectorError
+
 __all__ = [
     "SelectorError",
     "Selectors",
@@ -44,10 +46,6 @@ Selectors = str | Sequence[str]
 """One selector or a sequence of them."""
 
 _FORMS = "an exact name, a glob ('blocks.*' within one level, 'encoder.**' across levels) or 're:<pattern>'"
-
-
-class SelectorError(ValueError):
-    """A selector is malformed or matches nothing; the message names the closest existing names."""
 
 
 def as_selector_list(selectors: Selectors, *, argument: str = "selectors") -> list[str]:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_partial.errors import UnsafeCheckpointError
 from lit_partial.selection import Selectors, outermost, select_modules
 
 __all__ = [
@@ -50,10 +51,6 @@ __all__ = [
 
 When = Callable[[str, Any], bool]
 Segments = int | str | None
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpointed module cannot be recomputed faithfully (e.g. it modifies its input in place)."""
 
 
 class Handles:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from lit_partial.conditions import COMPARISONS
+from lit_partial.errors import MaskError
 
 __all__ = [
     "MASK_FORMS",
@@ -84,10 +85,6 @@ MASK_FORMS = (
     "a 0/1 tensor broadcasting to the parameter, a path to a .pt file holding {name: tensor}, a builder spec "
     "such as {'kind': 'random', 'keep': 0.1, 'seed': 0}, or a callable (name, param) -> mask"
 )
-
-
-class MaskError(ValueError):
-    """A mask or mask spec is invalid; the message names the parameter or spec and the fix."""
 
 
 def _kinds() -> str:

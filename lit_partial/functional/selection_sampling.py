@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_partial.errors import UnsupportedBatchError
+
 __all__ = [
     "SamplePool",
     "UnsupportedBatchError",
@@ -48,10 +50,6 @@ __all__ = [
 ]
 
 _SUPPORTED = "a Tensor, tuple, list, named tuple or dict (nested in any combination)"
-
-
-class UnsupportedBatchError(TypeError):
-    """A batch (or part of it) is not something that can be sliced along the first dimension."""
 
 
 def _check_keep(keep: float) -> None:
