@@ -8,18 +8,31 @@ Example:
 
 from __future__ import annotations
 
+from lit_partial.attach import Handle, Handles, register_batch_transform, register_gate, wrap_forward
 from lit_partial.callbacks import *  # noqa: F403
 from lit_partial.callbacks import __all__ as _callbacks_all
-from lit_partial.conditions import Condition, ConditionError, StepContext, parse_condition
-from lit_partial.module import PartialBackpropMixin, register_batch_transform, register_gate
-from lit_partial.selection import SelectorError, select_modules, select_parameters
+from lit_partial.conditions import Condition, StepContext, parse_condition
+from lit_partial.errors import (
+    CheckpointMismatchError,
+    ConditionError,
+    ConfigurationError,
+    LitPartialError,
+    SelectorError,
+)
+from lit_partial.module import PartialBackpropMixin
+from lit_partial.selection import select_modules, select_parameters
 from lit_partial.summary import summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
     "Condition",
     "ConditionError",
+    "ConfigurationError",
+    "Handle",
+    "Handles",
+    "LitPartialError",
     "PartialBackpropMixin",
     "SelectorError",
     "StepContext",
@@ -29,5 +42,6 @@ __all__ = [
     "select_modules",
     "select_parameters",
     "summarize",
+    "wrap_forward",
     *_callbacks_all,
 ]

@@ -12,54 +12,86 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lit_partial._compat import ddp_kwargs
 from lit_partial.errors import UnsupportedStrategyError
 
-__all__ = ["UnsupportedStrategyError", "check_supported_strategy", "strategy_name", "world_size"]
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "FAMILIES",
+    "UnsupportedStrategyError",
+    "check_supported_strategy",
+    "strategy_family",
+    "world_size",
+]
 
-#: Strategy families every lit_partial callback supports today (single device, DDP, DDP spawn).
-SUPPORTED_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+#: Every strategy family :func:`strategy_family` reports.
+FAMILIES: tuple[str, ...] = ("single", "ddp", "fsdp2", "fsdp1", "deepspeed", "other")
+#: The families every lit_partial callback supports (single device; DDP in all its launch modes).
+DEFAULT_FAMILIES: tuple[str, ...] = ("single", "ddp")
 
 
-def strategy_name(trainer: Any) -> str:
-    """A short, lower-case name of the trainer's strategy family (``"ddp"``, ``"deepspeed"``, ``"fsdp"``, ...)."""
+def strategy_family(trainer: Any) -> str:
+    """The one answer to "which kind of strategy is running": a name from :data:`FAMILIES`.
+
+    ``"ddp"`` covers ``ddp``, ``ddp_spawn``, ``ddp_fork`` and ``ddp_notebook`` (all ``DDPStrategy``),
+    ``"fsdp2"`` Lightning's ``ModelParallelStrategy``, ``"fsdp1"`` its ``FSDPStrategy``.
+    Decided by ``isinstance`` on Lightning's public strategy classes, never by names.
+    """
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
     strategy = trainer.strategy
-    name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
-    return str(name).lower().replace("strategy", "") or "unknown"
+    if isinstance(strategy, DeepSpeedStrategy):  # before DDP: DeepSpeedStrategy subclasses DDPStrategy
+        return "deepspeed"
+    if isinstance(strategy, DDPStrategy):
+        return "ddp"
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp1"
+    if isinstance(strategy, SingleDeviceStrategy):
+        return "single"
+    return "other"
 
 
-def check_supported_strategy(trainer: Any, who: str, supported: tuple[str, ...] = SUPPORTED_STRATEGIES) -> None:
+_FIXES = {
+    "deepspeed": "DeepSpeed partitions parameters and optimizer state outside Lightning's hooks",
+    "fsdp1": "FSDP1 flattens parameters into shards",
+    "fsdp2": "FSDP2 shards parameters",
+}
+
+
+def check_supported_strategy(trainer: Any, who: str, supported: tuple[str, ...] = DEFAULT_FAMILIES) -> None:
     """Raise before training when ``who`` cannot be correct under the trainer's strategy.
 
     Args:
         trainer: The Lightning trainer.
         who: The callback's name, for the message.
-        supported: Strategy families ``who`` supports.
+        supported: Strategy families (see :func:`strategy_family`) ``who`` supports.
 
     Raises:
-        UnsupportedStrategyError: Naming the strategy, the supported ones and a fix.
+        UnsupportedStrategyError: Naming the strategy, the supported families and a fix.
     """
-    name = strategy_name(trainer)
-    family = "ddp" if name.startswith("ddp") else name
-    if name in supported or family in supported or name.startswith("single"):
+    family = strategy_family(trainer)
+    if family in supported:
         return
+    why = f" ({_FIXES[family]})" if family in _FIXES else ""
     raise UnsupportedStrategyError(
-        f"{who} does not support strategy {name!r} yet (supported: {', '.join(supported)}). "
-        f"Fix: use Trainer(strategy='ddp') or strategy='ddp_spawn', or drop {who} from the callbacks."
+        f"{who} does not support strategy {family!r} ({type(trainer.strategy).__name__}){why}; supported "
+        f"families: {', '.join(supported)}. Fix: use Trainer(strategy='ddp') or strategy='ddp_spawn'"
+        + (", or ModelParallelStrategy (FSDP2)" if "fsdp2" in supported else "")
+        + f", or drop {who} from the callbacks."
     )
 
 
 def world_size() -> int:
     """The number of processes in the default group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_ranks_agree(flag: bool, device: torch.device | None = None) -> bool:
-    """True when ``flag`` is the same on every rank (always True when not distributed)."""
-    if world_size() == 1:
-        return True
-    t = torch.tensor([int(flag), -int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0]) == -int(t[1])
 
 
 # --- gradients and parameters DDP does not know about (LayerFreezing) ---------------------------------------
@@ -102,8 +134,8 @@ def all_reduce_gradients(params: list[torch.Tensor]) -> int:
 def broadcast_parameters(params: list[torch.Tensor], src: int = 0) -> None:
     """Copy ``params`` from rank ``src`` to every rank in one coalesced broadcast (no-op when not distributed).
 
-    For parameters excluded from DDP (``_ddp_params_and_buffers_to_ignore``), which DDP does not broadcast
-    when it wraps the model.
+    For parameters excluded from DDP (:func:`lit_partial._compat.set_ddp_ignored_names`), which DDP does not
+    broadcast when it wraps the model.
     """
     if world_size() == 1 or not params:
         return
@@ -136,13 +168,13 @@ def allow_unused_parameters(trainer: Any, who: str, reason: str) -> bool:
         True when the strategy's options were changed (False when not DDP or already allowed).
 
     Raises:
-        RuntimeError: If the strategy was configured with ``static_graph=True``.
+        UnsupportedStrategyError: If the strategy was configured with ``static_graph=True``.
     """
-    kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-    if kwargs is None:  # not a DDP strategy: nothing wraps the model, every graph is fine
+    if strategy_family(trainer) != "ddp":  # nothing wraps the model in DDP: every graph is fine
         return False
+    kwargs = ddp_kwargs(trainer.strategy)
     if kwargs.get("static_graph"):
-        raise RuntimeError(
+        raise UnsupportedStrategyError(
             f"{who} changes which parameters get gradients from step to step ({reason}), but the DDP strategy was "
             "built with static_graph=True, which promises a fixed graph. Fix: drop static_graph=True."
         )

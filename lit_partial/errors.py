@@ -18,12 +18,14 @@ __all__ = [
     "CheckpointMismatchError",
     "ConditionError",
     "ConfigurationError",
+    "IncompatibleModuleError",
     "LitPartialError",
     "MaskError",
     "SelectorError",
     "UnsafeCheckpointError",
     "UnsupportedBatchError",
     "UnsupportedStrategyError",
+    "UnsupportedStructureError",
     "UsageError",
 ]
 
@@ -60,9 +62,17 @@ class UnsupportedStrategyError(LitPartialError, RuntimeError):
     """The trainer's strategy is one a callback cannot make correct."""
 
 
-class UnsupportedBatchError(LitPartialError, TypeError):
+class UnsupportedStructureError(UsageError):
+    """A value holds an object lit_partial cannot look inside (so a tensor in it would be missed); names its type."""
+
+
+class UnsupportedBatchError(UnsupportedStructureError):
     """A batch (or part of it) is not something that can be sliced along the first dimension."""
 
 
-class UnsafeCheckpointError(LitPartialError, RuntimeError):
+class IncompatibleModuleError(LitPartialError, RuntimeError):
+    """A selected module cannot take the technique (e.g. a skipped module whose output differs from its input)."""
+
+
+class UnsafeCheckpointError(IncompatibleModuleError):
     """A checkpointed module cannot be recomputed faithfully (e.g. it modifies its input in place)."""

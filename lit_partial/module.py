@@ -26,29 +26,22 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from lit_partial.attach import batch_transforms, gate_functions, record_gate, register_batch_transform, register_gate
+from lit_partial.errors import ConfigurationError
 from lit_partial.summary import format_summary, summarize
 
 __all__ = [
     "ParamGroupPlanner",
     "PartialBackpropMixin",
-    "PartialState",
-    "partial_state",
+    "attached_trainer",
     "register_batch_transform",
     "register_gate",
 ]
-
-GateFn = Callable[[Any], Any]
-BatchTransform = Callable[[Any, int], Any]
-
-_STATE_ATTR = "_lit_partial_state"
 
 # The mixin overrides on_after_batch_transfer only to run registered transforms; Lightning warns about any
 # override when a DataModule is used, which would fire for every mixin user and means nothing here.
@@ -57,61 +50,12 @@ warnings.filterwarnings(
 )
 
 
-@dataclass
-class PartialState:
-    """What callbacks have attached to one model; lives on the model, never in its ``state_dict``.
-
-    Attributes:
-        gates: gate name -> ordered ``{handle_id: fn}``; :meth:`PartialBackpropMixin.gate` applies them in order.
-        seen_gates: gate names that ran since the set was last cleared (callbacks validate their gate names).
-        batch_transforms: ``{handle_id: fn(batch, dataloader_idx) -> batch}``, applied after batch transfer.
-        masked: parameter name -> number of masked elements, for :func:`lit_partial.summary.summarize`.
-    """
-
-    gates: dict[str, OrderedDict[int, GateFn]] = field(default_factory=dict)
-    seen_gates: set[str] = field(default_factory=set)
-    batch_transforms: OrderedDict[int, BatchTransform] = field(default_factory=OrderedDict)
-    masked: dict[str, int] = field(default_factory=dict)
-
-
-def partial_state(model: nn.Module) -> PartialState:
-    """The :class:`PartialState` of ``model``, created on first use (works for any ``nn.Module``)."""
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = PartialState()
-        model.__dict__[_STATE_ATTR] = state
-    return state
-
-
-def register_gate(model: nn.Module, name: str, fn: GateFn) -> RemovableHandle:
-    """Make ``model.gate(name, x)`` return ``fn(x)`` until the returned handle is removed.
-
-    Several functions on one name compose in registration order.
-    """
-    hooks = partial_state(model).gates.setdefault(name, OrderedDict())
-    handle = RemovableHandle(hooks)
-    hooks[handle.id] = fn
-    return handle
-
-
-def register_batch_transform(model: nn.Module, fn: BatchTransform) -> RemovableHandle:
-    """Replace every batch by ``fn(batch, dataloader_idx)`` after it reaches the device (mixin models only).
-
-    The function sees training, validation, test and predict batches; it decides itself when to act
-    (e.g. only while ``model.trainer.training``).
-
-    Raises:
-        TypeError: If ``model`` does not inherit :class:`PartialBackpropMixin`.
-    """
-    if not isinstance(model, PartialBackpropMixin):
-        raise TypeError(
-            f"{type(model).__name__} cannot have its batches replaced: a Lightning callback cannot reach the batch. "
-            f"Fix: declare `class {type(model).__name__}(PartialBackpropMixin, L.LightningModule)`."
-        )
-    transforms = partial_state(model).batch_transforms
-    handle = RemovableHandle(transforms)
-    transforms[handle.id] = fn
-    return handle
+def attached_trainer(model: nn.Module) -> Any:
+    """The Lightning ``Trainer`` ``model`` is attached to, or None (``LightningModule.trainer`` raises instead)."""
+    try:
+        return model.trainer  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @runtime_checkable
@@ -138,9 +82,8 @@ class PartialBackpropMixin:
             name: The gate name callbacks refer to (e.g. ``ConditionalDetach({"features": ...})``).
             x: A tensor, or a tuple/dict of tensors, as the callback's rule supports.
         """
-        state = partial_state(self)  # type: ignore[arg-type]
-        state.seen_gates.add(name)
-        for fn in state.gates.get(name, {}).values():
+        record_gate(self, name)  # type: ignore[arg-type]
+        for fn in gate_functions(self, name):  # type: ignore[arg-type]
             x = fn(x)
         return x
 
@@ -169,13 +112,13 @@ class PartialBackpropMixin:
             >>> def configure_optimizers(self):  # doctest: +SKIP
             ...     return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
         """
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)  # type: ignore[arg-type]
         planners = [
             cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, ParamGroupPlanner)
         ]
         if len(planners) > 1:
             names = ", ".join(type(cb).__name__ for cb in planners)
-            raise ValueError(f"several callbacks plan parameter groups ({names}); keep one of them.")
+            raise ConfigurationError(f"several callbacks plan parameter groups ({names}); keep one of them.")
         if planners:
             return planners[0].plan_param_groups(self, dict(defaults))  # type: ignore[arg-type]
         return [{"params": list(self.parameters()), "name": "all", **defaults}]  # type: ignore[attr-defined]
@@ -202,6 +145,6 @@ class PartialBackpropMixin:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Apply the batch transforms callbacks registered (e.g. ``SelectiveBackprop``) after ``super()``'s."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        for fn in partial_state(self).batch_transforms.values():  # type: ignore[arg-type]
+        for fn in batch_transforms(self):  # type: ignore[arg-type]
             batch = fn(batch, dataloader_idx)
         return batch

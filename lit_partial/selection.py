@@ -7,9 +7,12 @@ A selector is one of
   ``[0-3]`` a character class, so ``"blocks.*"`` names the blocks themselves, not their children;
 * a regular expression written ``"re:<pattern>"``, matched against the whole name.
 
-Selecting a module selects everything under it. Every function returns matches in model order,
-without duplicates, and raises :class:`SelectorError` naming the closest existing names when a
-selector matches nothing.
+Selecting a module selects everything under it. A parameter shared by several modules (tied weights) is
+selected by any of its names. Names see through wrappers that insert a component into every path
+(``torch.compile`` of a submodule adds ``_orig_mod``; FSDP1 and checkpoint wrappers add theirs):
+``"backbone.0"`` also selects ``backbone._orig_mod.0``, and the other way round. Every function returns
+matches in model order, without duplicates, in time linear in the model's size, and raises
+:class:`SelectorError` naming the closest existing names when a selector matches nothing.
 
 Example:
     >>> import torch.nn as nn
@@ -22,11 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -36,10 +40,12 @@ __all__ = [
     "SelectorError",
     "Selectors",
     "as_selector_list",
+    "count_match_operations",
     "match_names",
     "outermost",
     "select_modules",
     "select_parameters",
+    "select_submodules",
 ]
 
 Selectors = str | Sequence[str]
@@ -97,8 +103,53 @@ def match_names(names: Sequence[str], selector: str) -> list[str]:
         >>> match_names(["a", "a.0", "a.1", "b"], "a.*")
         ['a.0', 'a.1']
     """
-    pattern = _compile(selector)
-    return [name for name in names if pattern.fullmatch(name)]
+    pattern = _compile(_unwrapped(selector))
+    _count(len(names))
+    return [name for name in names if pattern.fullmatch(_unwrapped(name))]
+
+
+#: Module names that wrappers insert into parameter paths without being part of the user's model:
+#: ``torch.compile`` of a submodule (``_orig_mod``), FSDP1 and activation-checkpoint wrappers.
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+@functools.lru_cache(maxsize=65536)
+def _unwrapped(name: str) -> str:
+    """``name`` without wrapper components, so selectors see through them both ways."""
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+class _MatchCounter:
+    """Counts selector-against-name match operations: a deterministic measure of selection cost."""
+
+    operations = 0
+
+
+def _count(n: int) -> None:
+    _MatchCounter.operations += n
+
+
+@contextlib.contextmanager
+def count_match_operations() -> Iterator[list[int]]:
+    """Count the selector-against-name matches done inside the block (the count is ``box[0]`` afterwards).
+
+    Selection does one match per (selector, name) pair, so the count grows linearly with model size.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> with count_match_operations() as box:
+        ...     _ = select_modules(nn.Sequential(nn.Linear(1, 1), nn.ReLU()), "0")
+        >>> box[0]
+        2
+    """
+    start = _MatchCounter.operations
+    box = [0]
+    try:
+        yield box
+    finally:
+        box[0] = _MatchCounter.operations - start
 
 
 def _no_match(selector: str, names: Sequence[str], model: nn.Module, kind: str) -> SelectorError:
@@ -137,12 +188,48 @@ def select_modules(model: nn.Module, selectors: Selectors) -> list[tuple[str, nn
     return [(name, module) for name, module in named if name in chosen]
 
 
+def select_submodules(
+    model: nn.Module, selectors: Selectors, *, missing_ok: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """The selected modules and every module under them, in model order, without duplicates.
+
+    Linear in the number of modules (one prefix lookup per name component). With ``missing_ok``, selectors
+    that match no module (e.g. parameter names) are skipped instead of raising.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Sequential(nn.Linear(1, 1)), nn.ReLU())
+        >>> [name for name, _ in select_submodules(model, "0")]
+        ['0', '0.0']
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    if missing_ok:
+        names = [name for name, _ in named]
+        chosen = {hit for selector in as_selector_list(selectors) for hit in match_names(names, selector)}
+    else:
+        chosen = {name for name, _ in select_modules(model, selectors)}
+    return [(name, module) for name, module in named if _under(name, chosen)]
+
+
+def _under(name: str, chosen: set[str]) -> bool:
+    """Whether ``name`` or one of its ancestors (``"a"``, ``"a.b"`` for ``"a.b.c"``) is in ``chosen``."""
+    if name in chosen:
+        return True
+    end = name.find(".")
+    while end != -1:
+        if name[:end] in chosen:
+            return True
+        end = name.find(".", end + 1)
+    return False
+
+
 def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str, nn.Parameter]]:
     """Resolve selectors to ``(name, parameter)`` pairs in model order, without duplicates.
 
     A selector may name parameters (``"head.weight"``, ``"re:.*bias"``) or modules, which select
-    every parameter under them. Shared parameters appear once, under their first name; parameters
-    are compared by identity, never by value.
+    every parameter under them. A parameter shared by several modules (tied weights) is selected by any
+    of its names and appears once, under its first name; parameters are compared by identity, never by
+    value. Linear in model size: one match per (selector, name) and one prefix lookup per name component.
 
     Args:
         model: The model whose ``named_parameters()`` and ``named_modules()`` are searched.
@@ -151,18 +238,22 @@ def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str,
     Raises:
         SelectorError: If a selector matches neither a parameter nor a module with parameters.
     """
-    params = list(model.named_parameters())
-    param_names = [name for name, _ in params]
-    module_names = [name for name, _ in model.named_modules() if name]
+    aliases = list(model.named_parameters(remove_duplicate=False))
+    canonical: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in aliases:
+        canonical.setdefault(id(p), (name, p))
+    alias_names = [name for name, _ in aliases]
+    module_names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
     chosen: set[int] = set()
     for selector in as_selector_list(selectors):
-        hits = {id(p) for name, p in params if name in set(match_names(param_names, selector))}
-        for module_name in match_names(module_names, selector):
-            hits.update(id(p) for p in model.get_submodule(module_name).parameters())
+        named_params = set(match_names(alias_names, selector))
+        named_modules = set(match_names(module_names, selector))
+        hits = {id(p) for name, p in aliases if name in named_params or _under(name, named_modules)}
         if not hits:
-            raise _no_match(selector, param_names + module_names, model, "parameter")
+            params = [name for name, _ in canonical.values()]
+            raise _no_match(selector, params + [n for n in module_names if n not in set(params)], model, "parameter")
         chosen.update(hits)
-    return [(name, p) for name, p in params if id(p) in chosen]
+    return [(name, p) for key, (name, p) in canonical.items() if key in chosen]
 
 
 def outermost(names: Iterable[str]) -> list[str]:
@@ -176,4 +267,4 @@ def outermost(names: Iterable[str]) -> list[str]:
     """
     names = list(dict.fromkeys(names))
     kept = set(names)
-    return [n for n in names if not any(n.startswith(other + ".") for other in kept if other != n)]
+    return [n for n in names if not _under(n.rpartition(".")[0], kept)]

@@ -11,11 +11,20 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["SummaryRow", "format_summary", "summarize"]
+__all__ = ["SummaryRow", "format_summary", "record_masked", "summarize"]
+
+# model -> {parameter name: masked elements}; kept beside the model (not in it) so it outlives teardown
+_masked: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def record_masked(model: nn.Module, counts: dict[str, int]) -> None:
+    """Tell :func:`summarize` how many elements of each named parameter of ``model`` are masked (frozen)."""
+    _masked.setdefault(model, {}).update(counts)
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,7 @@ def summarize(model: nn.Module) -> list[SummaryRow]:
     Masked counts come from callbacks that mask elements (``GradientMasking``); trainable counts include
     masked elements of trainable parameters. Shared parameters count once, at their first name.
     """
-    from lit_partial.module import partial_state  # the state lives on the model; import here avoids a cycle
-
-    masked = partial_state(model).masked
+    masked = _masked.get(model, {})
     counts: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
         top = name.split(".")[0] if "." in name else name

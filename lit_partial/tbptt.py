@@ -38,34 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_partial.errors import ConfigurationError, IncompatibleModuleError, UsageError
+from lit_partial.tree import detach, leaves, map_tensors
+
 __all__ = ["detach_hiddens", "split_along_time", "tbptt_training_step", "truncated_bptt"]
 
 StepFn = Callable[[Any, Any], tuple[Tensor | None, Any]]
-
-
-def _sequence_length(batch: Any, time_dim: int) -> int | None:
-    if isinstance(batch, Tensor):
-        return batch.shape[time_dim] if batch.dim() > time_dim else None
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
-    for item in items:
-        length = _sequence_length(item, time_dim)
-        if length is not None:
-            return length
-    return None
-
-
-def _slice(batch: Any, start: int, stop: int, length: int, time_dim: int) -> Any:
-    if isinstance(batch, Tensor):
-        if batch.dim() > time_dim and batch.shape[time_dim] == length:
-            return batch.narrow(time_dim, start, stop - start)
-        return batch
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice(v, start, stop, length, time_dim) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(_slice(v, start, stop, length, time_dim) for v in batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, _slice(v, start, stop, length, time_dim)) for k, v in batch.items())
-    return batch
 
 
 def split_along_time(batch: Any, k: int, *, time_dim: int = 1) -> list[Any]:
@@ -77,25 +55,35 @@ def split_along_time(batch: Any, k: int, *, time_dim: int = 1) -> list[Any]:
         ValueError: If ``k`` is not a positive int, or no tensor in ``batch`` has a dimension ``time_dim``.
     """
     if type(k) is not int or k < 1:
-        raise ValueError(f"the truncation length `k` must be a positive int (time steps per chunk), got {k!r}.")
-    length = _sequence_length(batch, time_dim)
+        raise ConfigurationError(f"the truncation length `k` must be a positive int (time steps per chunk), got {k!r}.")
+    length = next((t.shape[time_dim] for t in leaves(batch, what="batch") if t.dim() > time_dim), None)
     if length is None:
-        raise ValueError(
+        raise ConfigurationError(
             f"truncated BPTT found no tensor with a time dimension {time_dim} in the batch ({type(batch).__name__}); "
             f"expected tensors shaped (B, T, ...) for time_dim=1. Fix: pass `time_dim=` matching your layout."
         )
-    return [_slice(batch, start, min(start + k, length), length, time_dim) for start in range(0, length, k)]
+
+    def chunk(start: int) -> Any:
+        stop = min(start + k, length)
+        return map_tensors(
+            batch,
+            lambda t: (
+                t.narrow(time_dim, start, stop - start) if t.dim() > time_dim and t.shape[time_dim] == length else t
+            ),
+            what="batch",
+        )
+
+    return [chunk(start) for start in range(0, length, k)]
 
 
 def detach_hiddens(hiddens: Any) -> Any:
-    """``hiddens`` (a tensor, or a tuple/list/dict of them, e.g. an LSTM's ``(h, c)``) detached from the graph."""
-    if isinstance(hiddens, Tensor):
-        return hiddens.detach()
-    if isinstance(hiddens, list | tuple):
-        return type(hiddens)(detach_hiddens(h) for h in hiddens)
-    if isinstance(hiddens, dict):
-        return type(hiddens)((k, detach_hiddens(v)) for k, v in hiddens.items())
-    return hiddens
+    """``hiddens`` detached from the graph: a tensor, or any structure :mod:`lit_partial.tree` handles.
+
+    Tuples (an LSTM's ``(h, c)``), named tuples, lists, dicts, dataclasses and Hugging Face ``Cache`` objects
+    (``past_key_values``) are rebuilt with every tensor detached; anything lit_partial cannot look inside is an
+    error naming its type, never passed on still attached to the previous chunk's graph.
+    """
+    return detach(hiddens)
 
 
 def truncated_bptt(
@@ -136,7 +124,7 @@ def truncated_bptt(
     for index, chunk in enumerate(split_along_time(batch, k, time_dim=time_dim)):
         result = step_fn(chunk, hiddens)
         if not isinstance(result, tuple) or len(result) != 2:
-            raise TypeError(
+            raise UsageError(
                 f"the truncated-BPTT step function must return (loss, hiddens), got {type(result).__name__}. "
                 "Fix: `return loss, hiddens` (loss may be None for a chunk without targets)."
             )
@@ -185,15 +173,15 @@ def tbptt_training_step(
         ValueError: If ``gradient_clip_val`` is not a positive number.
     """
     if gradient_clip_val is not None and not (isinstance(gradient_clip_val, int | float) and gradient_clip_val > 0):
-        raise ValueError(f"`gradient_clip_val` must be a positive number or None, got {gradient_clip_val!r}.")
+        raise ConfigurationError(f"`gradient_clip_val` must be a positive number or None, got {gradient_clip_val!r}.")
     if module.automatic_optimization:
-        raise RuntimeError(
+        raise IncompatibleModuleError(
             f"{type(module).__name__} uses automatic optimization, which allows one optimizer step per batch; "
             "truncated BPTT steps once per chunk. Fix: set `self.automatic_optimization = False` in __init__."
         )
     optimizer = module.optimizers()
     if isinstance(optimizer, list):
-        raise RuntimeError(
+        raise IncompatibleModuleError(
             f"truncated BPTT steps one optimizer, but configure_optimizers returned {len(optimizer)}. "
             "Fix: return a single optimizer, or write the chunk loop with lit_partial.tbptt.truncated_bptt."
         )

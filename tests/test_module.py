@@ -8,13 +8,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lit_partial.module import (
-    PartialBackpropMixin,
-    partial_state,
-    register_batch_transform,
-    register_gate,
-)
-from lit_partial.summary import summarize
+from lit_partial.attach import batch_transforms, watch_gates
+from lit_partial.module import PartialBackpropMixin, register_batch_transform, register_gate
+from lit_partial.summary import record_masked, summarize
 from tests.helpers import quiet_trainer
 
 
@@ -56,14 +52,25 @@ class Net(PartialBackpropMixin, Base):
 def test_mixin_cooperates_with_super_init_chain() -> None:
     net = Net(width=3)
     assert net.width == 3 and isinstance(net, L.LightningModule)
-    assert "_lit_partial_state" not in net.state_dict()
+    assert not any(key.startswith("_lit_partial") for key in net.state_dict())
 
 
-def test_gate_is_identity_without_rules() -> None:
+def test_gate_is_identity_without_rules_and_leaves_the_module_untouched() -> None:
     net = Net()
+    before = dict(net.__dict__)
     x = torch.randn(2, 4)
     assert net.gate("anything", x) is x
-    assert partial_state(net).seen_gates == {"anything"}
+    assert net.__dict__ == before  # running a gate attaches nothing
+
+
+def test_gate_watchers_record_gates_that_ran_until_removed() -> None:
+    net = Net()
+    seen: set[str] = set()
+    handle = watch_gates(net, seen)
+    net.gate("anything", torch.zeros(1))
+    handle.remove()
+    net.gate("later", torch.zeros(1))
+    assert seen == {"anything"}
 
 
 def test_register_gate_applies_and_removes_in_order() -> None:
@@ -77,6 +84,7 @@ def test_register_gate_applies_and_removes_in_order() -> None:
     assert net.gate("features", x).item() == 2.0
     h2.remove()
     assert net.gate("features", x) is x
+    assert not any(key.startswith("_lit_partial") for key in net.__dict__)  # nothing left once all are removed
 
 
 def test_gate_detach_cuts_backbone_gradient() -> None:
@@ -135,7 +143,7 @@ def test_batch_transform_runs_before_training_step_and_user_hook() -> None:
     assert all(torch.equal(b, torch.full((2, 4), 3.0)) for b in net.batches)
     assert all(torch.equal(b, torch.full((2, 4), 3.0)) for b in net.seen_in_hook)
     handle.remove()
-    assert not partial_state(net).batch_transforms
+    assert not batch_transforms(net)
 
 
 def test_batch_transform_needs_the_mixin() -> None:
@@ -146,7 +154,7 @@ def test_batch_transform_needs_the_mixin() -> None:
 def test_summary_counts_trainable_and_masked() -> None:
     net = Net()
     net.backbone.weight.requires_grad_(False)
-    partial_state(net).masked["head.weight"] = 3
+    record_masked(net, {"head.weight": 3})
     rows = {r.name: r for r in summarize(net)}
     assert (rows["backbone"].total, rows["backbone"].trainable, rows["backbone"].masked) == (20, 4, 0)
     assert (rows["head"].total, rows["head"].trainable, rows["head"].masked) == (5, 5, 3)

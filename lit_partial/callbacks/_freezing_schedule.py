@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from lit_partial._plain import to_plain
+from lit_partial.errors import ConfigurationError
 from lit_partial.selection import as_selector_list
 
 __all__ = [
@@ -73,31 +74,37 @@ def _entry(index: int, raw: Any) -> ScheduleEntry:
     raw = to_plain(raw)
     where = f"schedule[{index}]"
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} is {raw!r}; every schedule entry must be a dict such as {_EXAMPLE}.")
+        raise ConfigurationError(f"{where} is {raw!r}; every schedule entry must be a dict such as {_EXAMPLE}.")
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; allowed keys are {list(_KEYS)}, e.g. {_EXAMPLE}.")
+        raise ConfigurationError(
+            f"{where} has unknown keys {unknown}; allowed keys are {list(_KEYS)}, e.g. {_EXAMPLE}."
+        )
     kinds = [k for k in ("epoch", "step") if k in raw]
     if len(kinds) != 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"{where} = {dict(raw)!r} has {'both' if kinds else 'neither of'} 'epoch' and 'step'; "
             f"give exactly one of them, e.g. {_EXAMPLE}."
         )
     kind = kinds[0]
     point = raw[kind]
     if isinstance(point, bool) or not isinstance(point, numbers.Integral):
-        raise ValueError(f"{where}['{kind}'] is {point!r}; expected a non-negative integer such as 2.")
+        raise ConfigurationError(f"{where}['{kind}'] is {point!r}; expected a non-negative integer such as 2.")
     if point < 0:
-        raise ValueError(f"{where}['{kind}'] is {point}; expected a non-negative integer (0 = the very start).")
+        raise ConfigurationError(f"{where}['{kind}'] is {point}; expected a non-negative integer (0 = the very start).")
     if "unfreeze" not in raw and "freeze" not in raw:
-        raise ValueError(f"{where} = {dict(raw)!r} neither unfreezes nor freezes; add 'unfreeze' and/or 'freeze'.")
+        raise ConfigurationError(
+            f"{where} = {dict(raw)!r} neither unfreezes nor freezes; add 'unfreeze' and/or 'freeze'."
+        )
     unfreeze = tuple(as_selector_list(raw["unfreeze"], argument=f"{where}['unfreeze']")) if "unfreeze" in raw else ()
     freeze = tuple(as_selector_list(raw["freeze"], argument=f"{where}['freeze']")) if "freeze" in raw else ()
     lr_scale = raw.get("lr_scale", 1.0)
     if isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real) or not lr_scale > 0:
-        raise ValueError(f"{where}['lr_scale'] is {lr_scale!r}; expected a positive number such as 0.1.")
+        raise ConfigurationError(f"{where}['lr_scale'] is {lr_scale!r}; expected a positive number such as 0.1.")
     if "lr_scale" in raw and not unfreeze:
-        raise ValueError(f"{where} has 'lr_scale' but unfreezes nothing; lr_scale applies to what an entry unfreezes.")
+        raise ConfigurationError(
+            f"{where} has 'lr_scale' but unfreezes nothing; lr_scale applies to what an entry unfreezes."
+        )
     return ScheduleEntry(kind, int(point), unfreeze, freeze, float(lr_scale))
 
 
@@ -111,12 +118,12 @@ def parse_schedule(schedule: Any) -> list[ScheduleEntry]:
     if schedule is None:
         return []
     if isinstance(schedule, Mapping | str) or not isinstance(schedule, Sequence):
-        raise ValueError(f"`schedule` is {schedule!r}; expected a list of dicts such as [{_EXAMPLE}].")
+        raise ConfigurationError(f"`schedule` is {schedule!r}; expected a list of dicts such as [{_EXAMPLE}].")
     entries = [_entry(i, raw) for i, raw in enumerate(schedule)]
     for kind in ("epoch", "step"):
         points = [e.point for e in entries if e.kind == kind]
         if points != sorted(points):
-            raise ValueError(
+            raise ConfigurationError(
                 f"`schedule` lists {kind} points {points} out of order; sort the {kind} entries so they apply in "
                 "the order written (the order decides what a later entry finds frozen)."
             )
@@ -139,13 +146,13 @@ def gradual_unfreezing_schedule(
         Schedule entries (plain dicts) for :class:`~lit_partial.LayerFreezing`.
     """
     if not blocks or isinstance(blocks, str):
-        raise ValueError(
+        raise ConfigurationError(
             f"`blocks` is {blocks!r}; expected a list of block selectors, bottom first, e.g. ['b.0', 'b.1']."
         )
     if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-        raise ValueError(f"`every_n_epochs` is {every_n_epochs!r}; expected a positive integer such as 1.")
+        raise ConfigurationError(f"`every_n_epochs` is {every_n_epochs!r}; expected a positive integer such as 1.")
     if not lr_decay >= 1.0:
-        raise ValueError(f"`lr_decay` is {lr_decay!r}; expected a number >= 1 (2.6 in ULMFiT, 1 = same lr).")
+        raise ConfigurationError(f"`lr_decay` is {lr_decay!r}; expected a number >= 1 (2.6 in ULMFiT, 1 = same lr).")
     start = every_n_epochs if start_epoch is None else start_epoch
     entries: list[dict[str, Any]] = []
     for depth, block in enumerate(reversed(list(blocks))):
@@ -172,15 +179,15 @@ def progressive_freezing_schedule(
         unit: ``"step"`` or ``"epoch"``.
     """
     if not blocks or isinstance(blocks, str):
-        raise ValueError(
+        raise ConfigurationError(
             f"`blocks` is {blocks!r}; expected a list of block selectors, bottom first, e.g. ['b.0', 'b.1']."
         )
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise ValueError(f"`total` is {total!r}; expected the positive number of training {unit}s.")
+        raise ConfigurationError(f"`total` is {total!r}; expected the positive number of training {unit}s.")
     if not 0.0 <= t0 <= 1.0:
-        raise ValueError(f"`t0` is {t0!r}; expected a fraction of training in [0, 1], e.g. 0.5.")
+        raise ConfigurationError(f"`t0` is {t0!r}; expected a fraction of training in [0, 1], e.g. 0.5.")
     if unit not in ("step", "epoch"):
-        raise ValueError(f"`unit` is {unit!r}; expected 'step' or 'epoch'.")
+        raise ConfigurationError(f"`unit` is {unit!r}; expected 'step' or 'epoch'.")
     n = len(blocks)
     if n == 1:
         return []
@@ -211,7 +218,7 @@ def plan_phase_groups(
         group = {**defaults, "params": [params[n] for n in fresh], "name": name}
         if scale != 1.0:
             if "lr" not in defaults:
-                raise ValueError(
+                raise ConfigurationError(
                     f"schedule entry {name!r} has lr_scale {scale:g} but partial_param_groups got no lr to scale. "
                     "Fix: call self.partial_param_groups(lr=1e-3, ...)."
                 )

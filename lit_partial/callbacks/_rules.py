@@ -13,11 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
+from lit_partial.attach import watch_gates
+from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import (
     AllOf,
     AnyOf,
@@ -29,9 +30,12 @@ from lit_partial.conditions import (
     StepContext,
     parse_condition,
 )
-from lit_partial.distributed import allow_unused_parameters, check_supported_strategy
-from lit_partial.module import PartialBackpropMixin, partial_state
+from lit_partial.distributed import allow_unused_parameters
+from lit_partial.errors import ConfigurationError
+from lit_partial.functional.gradients import detach_if, scale_grad
+from lit_partial.module import PartialBackpropMixin
 from lit_partial.selection import SelectorError, as_selector_list, select_modules
+from lit_partial.tree import first_tensor
 
 GATE_PREFIX = "gate:"
 _RULE_KEYS = {"when", "grad_scale", "per_sample"}
@@ -56,19 +60,21 @@ def parse_rules(rules: Any, *, who: str, allow_grad_scale: bool) -> dict[str, Ru
     """Validate ``{key: condition | {"when": condition, "grad_scale": g, "per_sample": bool}}``.
 
     Raises:
-        ValueError: For a non-mapping or empty ``rules``, a bad key, a bad ``grad_scale`` or ``per_sample``.
+        ConfigurationError: For a non-mapping or empty ``rules``, a bad key, a bad ``grad_scale`` or ``per_sample``.
         ConditionError: For an invalid condition (the message lists the valid forms).
     """
     rules = to_plain(rules)
     if not isinstance(rules, Mapping) or not rules:
-        raise ValueError(
+        raise ConfigurationError(
             f"{who}(rules=...) needs a non-empty dict {{selector: condition}}, got {rules!r}; "
             f'e.g. {who}({{"backbone": {{"epochs": [0, 3]}}}}).'
         )
     parsed: dict[str, Rule] = {}
     for key, spec in rules.items():
         if not isinstance(key, str) or not key.strip():
-            raise ValueError(f"{who}: rule key {key!r} must be a module selector or a gate name (a non-empty string).")
+            raise ConfigurationError(
+                f"{who}: rule key {key!r} must be a module selector or a gate name (a non-empty string)."
+            )
         as_selector_list(key.removeprefix(GATE_PREFIX), argument=f"{who} rule key")
         parsed[key] = _parse_rule(key, spec, who=who, allow_grad_scale=allow_grad_scale)
     return parsed
@@ -80,16 +86,16 @@ def _parse_rule(key: str, spec: Any, *, who: str, allow_grad_scale: bool) -> Rul
     extra = set(spec) - _RULE_KEYS if allow_grad_scale else set(spec) - {"when", "per_sample"}
     if extra:
         allowed = sorted(_RULE_KEYS if allow_grad_scale else {"when", "per_sample"})
-        raise ValueError(f"{who}: rule {key!r} has unknown key(s) {sorted(extra)}; allowed: {allowed}.")
+        raise ConfigurationError(f"{who}: rule {key!r} has unknown key(s) {sorted(extra)}; allowed: {allowed}.")
     scale = spec.get("grad_scale", 0.0)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise ValueError(
+        raise ConfigurationError(
             f"{who}: rule {key!r} has grad_scale={scale!r}; expected a finite number "
             "(0 cuts the gradient, 0.1 scales it, -1 reverses it)."
         )
     per_sample = spec.get("per_sample", False)
     if not isinstance(per_sample, bool):
-        raise ValueError(f"{who}: rule {key!r} has per_sample={per_sample!r}; expected true or false.")
+        raise ConfigurationError(f"{who}: rule {key!r} has per_sample={per_sample!r}; expected true or false.")
     return Rule(key, parse_condition(spec["when"]), float(scale), per_sample)
 
 
@@ -128,6 +134,22 @@ def decide(rule: Rule, ctx: StepContext, x: Tensor | None, salt: str) -> bool | 
             raise ConditionError(f"per-sample rule {rule.key!r} on {salt!r} got a 0-d tensor; it needs a batch dim.")
         return sample_mask(rule.condition, ctx, x, salt)  # type: ignore[arg-type]
     return bool(rule.condition(ctx, x if rule.condition.needs_activation else None, salt=salt))
+
+
+def apply_rule(rule: Rule, ctx: StepContext, name: str, output: Any) -> tuple[Any, bool | Tensor]:
+    """Decide ``rule`` on ``output`` (of the module or gate ``name``) and detach or scale its gradient accordingly.
+
+    Returns the (possibly) changed output and the decision (a bool, or a ``(B,)`` bool tensor per sample).
+    """
+    decision = decide(rule, ctx, first_tensor(output), salt=name)
+    if rule.grad_scale == 0.0:
+        return detach_if(output, decision), decision
+    if isinstance(decision, bool):
+        return (scale_grad(output, rule.grad_scale) if decision else output), decision
+    if not bool(decision.any()):
+        return output, decision
+    factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]
+    return scale_grad(output, factors), decision
 
 
 def resolve_targets(
@@ -178,57 +200,66 @@ def _matches_any(model: nn.Module, key: str) -> bool:
     return True
 
 
-class DynamicGraphCallback(Callback):
-    """Base of the conditional callbacks: step context, handles, counters, logging, DDP setup, resume."""
+class DynamicGraphCallback(Technique):
+    """Base of the conditional callbacks: step context, counters, logging, gate checks, DDP setup, resume."""
 
     log_prefix = "dynamic"
+    verb = "held"
 
-    def __init__(self, rules: dict[str, Rule], *, log: bool = True) -> None:
+    def __init__(self, rules: dict[str, Rule], *, log: bool = True, accept_config_change: bool = False) -> None:
+        super().__init__(accept_config_change=accept_config_change)
         if not isinstance(log, bool):
-            raise ValueError(f"`log` must be true or false, got {log!r}.")
+            raise ConfigurationError(f"`log` must be true or false, got {log!r}.")
         self.rules = rules
         self.log = log
-        self._handles: list[Any] = []  # RemovableHandle or forward patches: anything with remove()
         self._ctx: StepContext | None = None  # set only between on_train_batch_start and on_train_batch_end
         self.epoch_counts: dict[str, list[float]] = {key: [0.0, 0.0] for key in rules}
         self.totals: dict[str, list[float]] = {key: [0.0, 0.0] for key in rules}
+        self._counts_epoch = 0  # the epoch epoch_counts belong to
         self._gates: list[str] = []
-        self._gates_ran: set[str] = set()
-        self._gates_checked = False
+        self._gates_seen: set[str] = set()
+        self._gate_watch: Any = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(rules=sorted((key, repr(rule)) for key, rule in self.rules.items()))
+    def config(self) -> dict[str, Any]:
+        return {"rules": {key: repr(rule) for key, rule in self.rules.items()}}
 
     def fractions(self) -> dict[str, float]:
         """Per rule key, the fraction of decisions (steps x modules, or samples) that held since fit started."""
         return {key: (float(hits) / total if total else 0.0) for key, (hits, total) in self.totals.items()}
 
+    @override
+    def run_summary(self) -> list[str]:
+        name = type(self).__name__
+        return [f"{name} {key}: {self.verb} {100.0 * f:.1f}% of decisions" for key, f in self.fractions().items()]
+
     # -- hooks ---------------------------------------------------------------------------------------------
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         who = type(self).__name__
-        check_supported_strategy(trainer, who)
-        self._attach(pl_module)
-        if stage == "fit" and any(rule.cuts_graph for rule in self.rules.values()):
+        self._attach_rules(pl_module)
+        if self._gates:
+            self._gates_seen = set()
+            self._gate_watch = self.handles.add(watch_gates(pl_module, self._gates_seen))
+        if any(rule.cuts_graph for rule in self.rules.values()):
             # Runs before the strategy wraps the model: the only point where DDP's options can still change.
             allow_unused_parameters(trainer, who, reason=self._ddp_reason())
 
     @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._ctx = None
+        self._gate_watch = None
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._ctx = StepContext.from_trainer(trainer, batch_idx)
-        if not self._gates_checked:  # gates that ran only in the sanity check do not count
-            self._gates_ran.clear()
+        if trainer.current_epoch != self._counts_epoch:  # not in on_train_epoch_start: a resume may skip that hook
+            self._counts_epoch = trainer.current_epoch
+            self.epoch_counts = {key: [0.0, 0.0] for key in self.rules}
+        if self._gate_watch is not None:  # gates that ran only in the sanity check do not count
+            self._gates_seen.clear()
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
@@ -242,11 +273,6 @@ class DynamicGraphCallback(Callback):
         self._ctx = None
 
     @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning skips this hook when resuming mid-epoch, so restored counts survive a resume.
-        self.epoch_counts = {key: [0.0, 0.0] for key in self.rules}
-
-    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.log:
             return
@@ -256,21 +282,23 @@ class DynamicGraphCallback(Callback):
             pl_module.log(f"{self.log_prefix}/{key}", fraction, on_epoch=True, sync_dist=True)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def technique_state(self) -> dict[str, Any]:
         return {
             "totals": {key: [float(v) for v in value] for key, value in self.totals.items()},
             "epoch_counts": {key: [float(v) for v in value] for key, value in self.epoch_counts.items()},
+            "counts_epoch": self._counts_epoch,
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_technique_state(self, state: dict[str, Any]) -> None:
         for attr in ("totals", "epoch_counts"):
             counts = getattr(self, attr)
-            for key, value in state_dict.get(attr, {}).items():
+            for key, value in state.get(attr, {}).items():
                 counts[key] = list(value)
+        self._counts_epoch = int(state.get("counts_epoch", self._counts_epoch))
 
     # -- for subclasses ------------------------------------------------------------------------------------
-    def _attach(self, model: nn.Module) -> None:
+    def _attach_rules(self, model: nn.Module) -> None:
         raise NotImplementedError
 
     def _ddp_reason(self) -> str:
@@ -285,14 +313,14 @@ class DynamicGraphCallback(Callback):
             counts[1] += total
 
     def _check_gates(self, pl_module: nn.Module) -> None:
-        if self._gates_checked or self._ctx is None:
+        if self._gate_watch is None or self._ctx is None:
             return
-        self._gates_checked = True
-        missing = [key for key in self._gates if key.removeprefix(GATE_PREFIX) not in self._gates_ran]
+        watch, self._gate_watch = self._gate_watch, None
+        watch.remove()
+        missing = [key for key in self._gates if key.removeprefix(GATE_PREFIX) not in self._gates_seen]
         if missing:
-            seen = sorted(partial_state(pl_module).seen_gates)
             raise SelectorError(
                 f"{type(self).__name__}: rule(s) {missing} name neither a module nor a gate that ran during the first "
-                f"training step. Gates that ran: {seen or 'none'}. Fix: use one of those names, a module name "
-                "(print(dict(model.named_modules()).keys())), or call self.gate(name, x) in forward."
+                f"training step. Gates that ran: {sorted(self._gates_seen) or 'none'}. Fix: use one of those names, a "
+                "module name (print(dict(model.named_modules()).keys())), or call self.gate(name, x) in forward."
             )

@@ -6,36 +6,30 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.conditions import Always, Condition, StepContext, parse_condition
-from lit_partial.distributed import allow_unused_parameters, check_supported_strategy
-from lit_partial.functional.activation_cuts import Handles, checkpoint_modules, detach_outputs, offload_modules
+from lit_partial.callbacks._rules import Rule, apply_rule, parse_rules
+from lit_partial.callbacks.base import Technique
+from lit_partial.conditions import StepContext
+from lit_partial.distributed import allow_unused_parameters
+from lit_partial.errors import ConfigurationError
+from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
 from lit_partial.selection import Selectors, as_selector_list, select_modules
 
 __all__ = ["ActivationDetach"]
 
 
-def _first_tensor(value: Any) -> Any:
-    """The tensor a statistic condition looks at: the output itself, or the first tensor inside it."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return next((found for v in value if (found := _first_tensor(v)) is not None), None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-class ActivationDetach(Callback):
+class ActivationDetach(Technique):
     """Spend less activation memory in training steps: detach, checkpoint or offload selected modules.
 
     * ``at``: the outputs of these modules are detached, so nothing before them keeps activations for
       backward - exactly what ``h = module(x).detach()`` written in ``forward`` does (the modules and all
       before them get no gradient). A dict ``{selector: condition}`` detaches only while the condition holds
-      (see :mod:`lit_partial.conditions`; statistic conditions look at the module's output).
+      (the rule forms of :class:`~lit_partial.ConditionalDetach`, which evaluates them the same way, with
+      per-rule counters and logging on top; statistic conditions look at the module's output).
     * ``checkpoint``: these modules keep only their inputs and are recomputed in backward
       (``torch.utils.checkpoint``, non-reentrant, RNG state preserved): gradients are identical to the plain
       run. BatchNorm inside them updates its running statistics once per step (the recomputation's update
@@ -44,7 +38,7 @@ class ActivationDetach(Callback):
       (``save_on_cpu``). GPU only: on CPU it warns and does nothing.
 
     Everything acts only inside training steps: validation, test, predict and direct calls outside the
-    trainer run the model untouched. All hooks and patched ``forward`` s are removed at ``teardown``. Under
+    trainer run the model untouched. All hooks and wrapped ``forward`` s are removed at ``teardown``. Under
     DDP, ``at`` makes the strategy use ``find_unused_parameters=True`` (the cut-off parameters get no
     gradient). The callback has no state to save: conditions are functions of the step.
 
@@ -54,6 +48,8 @@ class ActivationDetach(Callback):
         offload: Module selectors whose saved tensors go to host memory (GPU only).
         segments: With ``checkpoint`` naming an ``nn.Sequential``: checkpoint it as this many consecutive
             pieces, or ``"sqrt"`` for round(sqrt(len)); ``None`` checkpoints each selected module whole.
+        accept_config_change: Resume from a checkpoint made with another configuration (see
+            :class:`~lit_partial.callbacks.base.Technique`).
 
     Raises:
         ValueError: If no technique is given, or ``segments`` is not a positive int, ``"sqrt"`` or None.
@@ -74,60 +70,60 @@ class ActivationDetach(Callback):
         checkpoint: Selectors | None = None,
         offload: Selectors | None = None,
         segments: int | str | None = None,
+        *,
+        accept_config_change: bool = False,
     ) -> None:
+        super().__init__(accept_config_change=accept_config_change)
         at, checkpoint, offload = to_plain(at), to_plain(checkpoint), to_plain(offload)
         if at is None and checkpoint is None and offload is None:
-            raise ValueError(
+            raise ConfigurationError(
                 "ActivationDetach needs at least one of `at`, `checkpoint`, `offload`, e.g. "
                 "ActivationDetach(at='backbone.0') or ActivationDetach(checkpoint='blocks.*')."
             )
         if segments is not None and segments != "sqrt" and (type(segments) is not int or segments < 1):
-            raise ValueError(f"`segments` must be a positive int, 'sqrt' or None, got {segments!r}.")
+            raise ConfigurationError(f"`segments` must be a positive int, 'sqrt' or None, got {segments!r}.")
         if segments is not None and checkpoint is None:
-            raise ValueError(f"`segments={segments!r}` applies to `checkpoint`, which is not set; set both or neither.")
-        self.at: dict[str, Condition] = {}
-        if isinstance(at, Mapping):
-            if not at:
-                raise ValueError("`at` is an empty dict; name at least one module, e.g. {'backbone.0': 'always'}.")
-            self.at = {key: parse_condition(spec) for key, spec in at.items()}
-            as_selector_list(list(self.at), argument="at")
-        elif at is not None:
-            self.at = {key: Always() for key in as_selector_list(at, argument="at")}
+            raise ConfigurationError(
+                f"`segments={segments!r}` applies to `checkpoint`, which is not set; set both or neither."
+            )
+        if isinstance(at, Mapping) and not at:
+            raise ConfigurationError("`at` is an empty dict; name at least one module, e.g. {'backbone.0': 'always'}.")
+        if at is not None and not isinstance(at, Mapping):
+            at = dict.fromkeys(as_selector_list(at, argument="at"), "always")
+        self.at: dict[str, Rule] = parse_rules(at, who="ActivationDetach", allow_grad_scale=False) if at else {}
         self.checkpoint = as_selector_list(checkpoint, argument="checkpoint") if checkpoint is not None else []
         self.offload = as_selector_list(offload, argument="offload") if offload is not None else []
         self.segments = segments
-        self._handles = Handles()
-        self._active = False
-        self._ctx = StepContext()
-
-    def _when(self, name: str, output: Any) -> bool:
-        if not self._active:
-            return False
-        # each selector's condition rules on the modules it selected (first matching selector wins)
-        condition = self._conditions.get(name, Always())
-        return condition(self._ctx, _first_tensor(output) if condition.needs_activation else None, salt=name)
-
-    def _is_active(self) -> bool:
-        return self._active
+        self._ctx: StepContext | None = None  # set only inside training steps
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_supported_strategy(trainer, "ActivationDetach")
-        self._handles.remove()
-        self._conditions: dict[str, Condition] = {}
-        for selector, condition in self.at.items():
+    def config(self) -> dict[str, Any]:
+        return {
+            "at": {key: repr(rule) for key, rule in self.at.items()},
+            "checkpoint": self.checkpoint,
+            "offload": self.offload,
+            "segments": self.segments,
+        }
+
+    def _is_active(self) -> bool:
+        return self._ctx is not None
+
+    @override
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        detached: dict[str, Rule] = {}
+        for selector, rule in self.at.items():  # each selector's rule applies to the modules it selects
             for name, _ in select_modules(pl_module, selector):
-                self._conditions.setdefault(name, condition)
+                detached.setdefault(name, rule)
         checkpointed = [name for name, _ in select_modules(pl_module, self.checkpoint)] if self.checkpoint else []
         offloaded = [name for name, _ in select_modules(pl_module, self.offload)] if self.offload else []
-        if self._conditions:
-            allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {sorted(self._conditions)} are detached")
-            self._handles.add(detach_outputs(pl_module, list(self._conditions), when=self._when).remove)
+        if detached:
+            allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {sorted(detached)} are detached")
+            for name, rule in detached.items():
+                self.handles.add(pl_module.get_submodule(name).register_forward_hook(self._detach_hook(rule, name)))
         if checkpointed:
-            handle = checkpoint_modules(pl_module, checkpointed, segments=self.segments, enabled=self._is_active)
-            self._handles.add(handle.remove)
+            self.handles.add(
+                checkpoint_modules(pl_module, checkpointed, segments=self.segments, enabled=self._is_active)
+            )
         if offloaded:
             if trainer.strategy.root_device.type != "cuda":
                 rank_zero_warn(
@@ -136,29 +132,34 @@ class ActivationDetach(Callback):
                 )
                 offloaded = []
             else:
-                self._handles.add(offload_modules(pl_module, offloaded, enabled=self._is_active).remove)
-        rank_zero_info(
-            f"ActivationDetach: detach after {sorted(self._conditions)}, checkpoint {checkpointed}, offload {offloaded}"
-        )
+                self.handles.add(offload_modules(pl_module, offloaded, enabled=self._is_active))
+        self._summary = f"detach after {sorted(detached)}, checkpoint {checkpointed}, offload {offloaded}"
+        rank_zero_info(f"ActivationDetach: {self._summary}")
+
+    def _detach_hook(self, rule: Rule, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            ctx = self._ctx
+            return None if ctx is None else apply_rule(rule, ctx, name, output)[0]
+
+        return hook
+
+    @override
+    def run_summary(self) -> list[str]:
+        summary = getattr(self, "_summary", "")
+        return [f"ActivationDetach: {summary}"] if summary else []
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._ctx = StepContext.from_trainer(trainer, batch_idx)
-        self._active = True
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._active = False
+        self._ctx = None
 
     @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._active = False
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._active = False
-        self._handles.remove()
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        self._ctx = None

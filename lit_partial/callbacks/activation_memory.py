@@ -7,15 +7,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lit_partial.callbacks.base import Technique
+from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activations import SavedTensorTracker
 
 __all__ = ["ActivationMemoryMonitor"]
 
 
-class ActivationMemoryMonitor(Callback):
+class ActivationMemoryMonitor(Technique):
     """Log ``saved_activation_bytes``: what the graph keeps for backward when backward starts.
 
     From ``on_train_batch_start`` to ``on_train_batch_end`` a
@@ -48,16 +49,33 @@ class ActivationMemoryMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 1, prog_bar: bool = False, name: str = "saved_activation_bytes") -> None:
+        super().__init__()
         if type(every_n_steps) is not int or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive int, got {every_n_steps!r}; 1 measures every batch.")
+            raise ConfigurationError(
+                f"`every_n_steps` must be a positive int, got {every_n_steps!r}; 1 measures every batch."
+            )
         if not isinstance(name, str) or not name:
-            raise ValueError(f"`name` must be a non-empty metric name, got {name!r}.")
+            raise ConfigurationError(f"`name` must be a non-empty metric name, got {name!r}.")
         self.every_n_steps = every_n_steps
         self.prog_bar = prog_bar
         self.name = name
         self.history: deque[int] = deque(maxlen=10_000)
         self._tracker: SavedTensorTracker | None = None
         self._peak = 0
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps, "name": self.name}
+
+    @override
+    def run_summary(self) -> list[str]:
+        if not self.history:
+            return []
+        mean = sum(self.history) / len(self.history)
+        return [
+            f"ActivationMemoryMonitor: {self.name} mean {mean / 2**20:.2f} MiB, "
+            f"max {max(self.history) / 2**20:.2f} MiB over {len(self.history)} measured steps"
+        ]
 
     @override
     def on_train_batch_start(
@@ -96,9 +114,5 @@ class ActivationMemoryMonitor(Callback):
             tracker.__exit__(None, None, None)
 
     @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._close()

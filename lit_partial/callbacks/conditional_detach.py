@@ -6,9 +6,15 @@ from typing import Any
 
 from torch import nn
 
-from lit_partial.callbacks._rules import GATE_PREFIX, DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
-from lit_partial.functional.gradients import detach_if, first_tensor, scale_grad
-from lit_partial.module import register_gate
+from lit_partial.attach import register_gate
+from lit_partial.callbacks._rules import (
+    GATE_PREFIX,
+    DynamicGraphCallback,
+    Rule,
+    apply_rule,
+    parse_rules,
+    resolve_targets,
+)
 
 __all__ = ["ConditionalDetach"]
 
@@ -38,6 +44,8 @@ class ConditionalDetach(DynamicGraphCallback):
     Args:
         rules: ``{key: condition | {"when": condition, "grad_scale": g, "per_sample": bool}}``.
         log: Log the per-rule fractions with ``pl_module.log``.
+        accept_config_change: Resume from a checkpoint made with other rules (see
+            :class:`~lit_partial.callbacks.base.Technique`); by default that is an error naming what changed.
 
     Raises:
         ValueError: If ``rules`` is empty or not a dict, or a ``grad_scale``/``per_sample`` value is invalid.
@@ -58,23 +66,28 @@ class ConditionalDetach(DynamicGraphCallback):
     """
 
     log_prefix = "conditional_detach"
+    verb = "detached"
 
-    def __init__(self, rules: dict[str, Any], log: bool = True) -> None:
-        super().__init__(parse_rules(rules, who="ConditionalDetach", allow_grad_scale=True), log=log)
+    def __init__(self, rules: dict[str, Any], log: bool = True, *, accept_config_change: bool = False) -> None:
+        super().__init__(
+            parse_rules(rules, who="ConditionalDetach", allow_grad_scale=True),
+            log=log,
+            accept_config_change=accept_config_change,
+        )
 
     def _ddp_reason(self) -> str:
         cutting = [key for key, rule in self.rules.items() if rule.cuts_graph]
         return f"rules {cutting} detach outputs, so parameters below them get no gradient on those steps"
 
-    def _attach(self, model: nn.Module) -> None:
+    def _attach_rules(self, model: nn.Module) -> None:
         modules, gates = resolve_targets(model, self.rules, who="ConditionalDetach", allow_gates=True)
         for key, targets in modules.items():
             for name, module in targets:
-                self._handles.append(module.register_forward_hook(self._module_hook(self.rules[key], name)))
+                self.handles.add(module.register_forward_hook(self._module_hook(self.rules[key], name)))
         self._gates = gates
         for key in gates:
             gate = key.removeprefix(GATE_PREFIX)
-            self._handles.append(register_gate(model, gate, self._gate_fn(self.rules[key], gate)))
+            self.handles.add(register_gate(model, gate, self._gate_fn(self.rules[key], gate)))
 
     def _module_hook(self, rule: Rule, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -84,7 +97,6 @@ class ConditionalDetach(DynamicGraphCallback):
 
     def _gate_fn(self, rule: Rule, gate: str) -> Any:
         def fn(x: Any) -> Any:
-            self._gates_ran.add(gate)
             return self._apply(rule, gate, x)
 
         return fn
@@ -93,13 +105,6 @@ class ConditionalDetach(DynamicGraphCallback):
         ctx = self._ctx
         if ctx is None:  # not inside a training step: validation, test, predict or a plain call
             return output
-        decision = decide(rule, ctx, first_tensor(output), salt=name)
+        output, decision = apply_rule(rule, ctx, name, output)
         self._count(rule.key, decision)
-        if rule.grad_scale == 0.0:
-            return detach_if(output, decision)
-        if isinstance(decision, bool):
-            return scale_grad(output, rule.grad_scale) if decision else output
-        if not bool(decision.any()):
-            return output
-        factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]
-        return scale_grad(output, factors)
+        return output

@@ -10,34 +10,19 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
+from lit_partial.attach import wrap_forward
 from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
-from lit_partial.functional.gradients import first_tensor, skip_rows
+from lit_partial.errors import ConfigurationError, IncompatibleModuleError
+from lit_partial.functional.gradients import skip_rows
 from lit_partial.selection import Selectors, as_selector_list, select_modules
+from lit_partial.tree import first_tensor, map_tensors
 
 __all__ = ["ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
 
 
-class _ForwardPatch:
-    """Removable replacement of one module's ``forward`` (an instance attribute shadowing the class method)."""
-
-    def __init__(self, module: nn.Module, forward: Callable[..., Any]) -> None:
-        self.module, self.forward = module, forward
-        module.__dict__["forward"] = forward
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
-            del self.module.__dict__["forward"]
-
-
 def _shapes(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return tuple(x.shape)
-    if isinstance(x, dict):
-        return {k: _shapes(v) for k, v in x.items()}
-    if isinstance(x, tuple | list):
-        return [_shapes(v) for v in x]
-    return type(x).__name__
+    return map_tensors(x, lambda t: tuple(t.shape))
 
 
 class ConditionalSkip(DynamicGraphCallback):
@@ -55,6 +40,8 @@ class ConditionalSkip(DynamicGraphCallback):
     Args:
         rules: ``{selector: condition | {"when": condition, "per_sample": bool}}``.
         log: Log the per-rule fractions with ``pl_module.log``.
+        accept_config_change: Resume from a checkpoint made with other rules (see
+            :class:`~lit_partial.callbacks.base.Technique`); by default that is an error naming what changed.
 
     Raises:
         ValueError: If ``rules`` is empty or not a dict, or a rule has unknown keys.
@@ -70,9 +57,14 @@ class ConditionalSkip(DynamicGraphCallback):
     """
 
     log_prefix = "conditional_skip"
+    verb = "skipped"
 
-    def __init__(self, rules: dict[str, Any], log: bool = True) -> None:
-        super().__init__(parse_rules(rules, who=type(self).__name__, allow_grad_scale=False), log=log)
+    def __init__(self, rules: dict[str, Any], log: bool = True, *, accept_config_change: bool = False) -> None:
+        super().__init__(
+            parse_rules(rules, who=type(self).__name__, allow_grad_scale=False),
+            log=log,
+            accept_config_change=accept_config_change,
+        )
 
     def _ddp_reason(self) -> str:
         cutting = [key for key, rule in self.rules.items() if rule.cuts_graph]
@@ -82,14 +74,15 @@ class ConditionalSkip(DynamicGraphCallback):
         modules, _ = resolve_targets(model, self.rules, who=type(self).__name__, allow_gates=False)
         return [(self.rules[key], name, module) for key, hits in modules.items() for name, module in hits]
 
-    def _attach(self, model: nn.Module) -> None:
+    def _attach_rules(self, model: nn.Module) -> None:
         for rule, name, module in self._targets(model):
-            self._handles.append(_ForwardPatch(module, self._skipping_forward(rule, name, module.forward)))
+            # outer: a skipped module runs nothing, not even another technique's wrapper (e.g. a checkpoint)
+            self.handles.add(wrap_forward(module, self._skipping_forward(rule, name), outer=True))
 
-    def _skipping_forward(self, rule: Rule, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _skipping_forward(self, rule: Rule, name: str) -> Callable[..., Any]:
         checked = False
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
+        def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             nonlocal checked
             if not checked:  # run it once for real, whatever the decision, to check the shapes before training
                 out = original(*args, **kwargs)
@@ -113,12 +106,12 @@ class ConditionalSkip(DynamicGraphCallback):
     def _check_residual(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         who = type(self).__name__
         if len(args) != 1 or kwargs:
-            raise RuntimeError(
+            raise IncompatibleModuleError(
                 f"{who} cannot skip module {name!r}: it is called with {len(args)} positional and {len(kwargs)} "
                 "keyword arguments, and a skipped module returns its single input. Fix: select a one-input module."
             )
         if _shapes(args[0]) != _shapes(out):
-            raise RuntimeError(
+            raise IncompatibleModuleError(
                 f"{who} cannot skip module {name!r}: its output {_shapes(out)} differs from its input "
                 f"{_shapes(args[0])}, so returning the input would break the next layer. Fix: select residual-style "
                 "modules whose output has the shape of their input (e.g. 'blocks.*', not a downsampling stage)."
@@ -150,6 +143,8 @@ class StochasticDepth(ConditionalSkip):
         seed: Seed of the draws.
         per_sample: Skip single batch rows instead of the whole batch (every block then runs).
         log: Log the per-block fractions.
+        accept_config_change: Resume from a checkpoint made with another configuration (see
+            :class:`~lit_partial.callbacks.base.Technique`).
 
     Raises:
         ValueError: If ``drop_rate`` is outside [0, 1] or ``seed`` is not a non-negative integer.
@@ -166,22 +161,24 @@ class StochasticDepth(ConditionalSkip):
         seed: int = 0,
         per_sample: bool = False,
         log: bool = True,
+        *,
+        accept_config_change: bool = False,
     ) -> None:
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate <= 1.0:
-            raise ValueError(f"`drop_rate` must be a number in [0, 1], got {drop_rate!r}; 0.1-0.5 are usual.")
+            raise ConfigurationError(f"`drop_rate` must be a number in [0, 1], got {drop_rate!r}; 0.1-0.5 are usual.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+            raise ConfigurationError(f"`seed` must be a non-negative integer, got {seed!r}.")
         self.blocks = as_selector_list(to_plain(blocks), argument="blocks")
         self.drop_rate, self.seed = float(drop_rate), seed
         when = {"probability": self.drop_rate, "seed": seed}
         # Placeholder rules validate the arguments now; setup replaces them by one rule per block.
-        super().__init__({key: {"when": when, "per_sample": per_sample} for key in self.blocks}, log=log)
+        rules = {key: {"when": when, "per_sample": per_sample} for key in self.blocks}
+        super().__init__(rules, log=log, accept_config_change=accept_config_change)
         self.per_sample = per_sample
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(blocks=self.blocks, drop_rate=self.drop_rate, seed=self.seed)
+    def config(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "drop_rate": self.drop_rate, "seed": self.seed, "per_sample": self.per_sample}
 
     def _targets(self, model: nn.Module) -> list[tuple[Rule, str, nn.Module]]:
         found = select_modules(model, self.blocks)

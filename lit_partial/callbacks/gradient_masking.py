@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_partial._compat import non_finite_check_and_unscale_, scaler_found_inf_per_device
 from lit_partial._plain import to_plain
-from lit_partial.distributed import broadcast_parameters, check_supported_strategy, world_size
+from lit_partial.callbacks.base import Technique
+from lit_partial.distributed import broadcast_parameters, world_size
+from lit_partial.errors import UsageError
 from lit_partial.functional.mask_builders import (
     MASK_FORMS,
     MaskError,
@@ -46,8 +50,8 @@ from lit_partial.functional.mask_builders import (
     resolve_mask_source,
 )
 from lit_partial.functional.masking import count_masked, guard_masked_elements, mask_gradients
-from lit_partial.module import partial_state
 from lit_partial.selection import as_selector_list, select_parameters
+from lit_partial.summary import record_masked
 
 __all__ = ["GradientMasking", "MaskError"]
 
@@ -59,13 +63,13 @@ class _Masked:
     selector: str
     name: str
     param: nn.Parameter
-    keep: Tensor | None = None
+    mask: Tensor | None = None
     dynamic: dict[str, Any] | None = None  # a "where" spec, rebuilt from the weights at every step
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
 
 
-class GradientMasking(Callback):
+class GradientMasking(Technique):
     """Element-wise masks on selected parameters: elements where the mask is 0 never change.
 
     Args:
@@ -87,6 +91,8 @@ class GradientMasking(Callback):
             since the last step (version counter unchanged); halves the strict cost for static masks. Set
             False if your code writes masked elements through ``param.data`` between steps (that bypasses
             the version counter, and the write would be undone).
+        accept_config_change: Resume from a checkpoint made with other masks (see
+            :class:`~lit_partial.callbacks.base.Technique`); by default that is an error naming what changed.
 
     Raises:
         MaskError: Before training, for a malformed mask source, values other than 0/1, ``keep`` outside
@@ -118,18 +124,21 @@ class GradientMasking(Callback):
         strict: bool = True,
         log_fraction: bool = True,
         reuse_snapshots: bool = True,
+        *,
+        accept_config_change: bool = False,
     ) -> None:
+        super().__init__(accept_config_change=accept_config_change)
         masks = to_plain(masks)
         if not isinstance(masks, Mapping):
             raise MaskError(f"`masks` must map parameter selectors to masks, got {type(masks).__name__}: {MASK_FORMS}.")
         if not masks:
             raise MaskError("`masks` is empty; map at least one selector to a mask, e.g. {'head.weight': mask}.")
         if not isinstance(strict, bool):
-            raise TypeError(f"`strict` must be True or False, got {strict!r}.")
+            raise UsageError(f"`strict` must be True or False, got {strict!r}.")
         if not isinstance(log_fraction, bool):
-            raise TypeError(f"`log_fraction` must be True or False, got {log_fraction!r}.")
+            raise UsageError(f"`log_fraction` must be True or False, got {log_fraction!r}.")
         if not isinstance(reuse_snapshots, bool):
-            raise TypeError(f"`reuse_snapshots` must be True or False, got {reuse_snapshots!r}.")
+            raise UsageError(f"`reuse_snapshots` must be True or False, got {reuse_snapshots!r}.")
         self._sources: dict[str, Any] = {}
         for selector, source in masks.items():
             as_selector_list(selector, argument=f"masks key {selector!r}")
@@ -138,30 +147,37 @@ class GradientMasking(Callback):
         self.log_fraction = log_fraction
         self.reuse_snapshots = reuse_snapshots
         self._entries: list[_Masked] = []
-        self._handles: list[Any] = []
-        self._loaded: dict[str, Tensor] | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        described = {selector: _describe(source) for selector, source in sorted(self._sources.items())}
-        return self._generate_state_key(masks=described, strict=self.strict)
+    def config(self) -> dict[str, Any]:
+        return {
+            "masks": {selector: _describe(source) for selector, source in self._sources.items()},
+            "strict": self.strict,
+        }
 
     @property
     def masks(self) -> dict[str, Tensor]:
         """The current bool masks (True = may change) keyed by parameter name; empty before ``setup``."""
-        return {e.name: e.keep for e in self._entries if e.keep is not None}
+        return {e.name: e.mask for e in self._entries if e.mask is not None}
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_supported_strategy(trainer, "GradientMasking")
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._entries = self._build(pl_module)
-        if self._loaded is not None:
-            self._apply_loaded(self._loaded)
-            self._loaded = None
         self._record_counts(pl_module)
+
+    @override
+    def run_summary(self) -> list[str]:
+        lines = []
+        for selector in self._sources:
+            group = [e for e in self._entries if e.selector == selector and e.mask is not None]
+            total = sum(e.param.numel() for e in group)
+            frozen = sum(count_masked(e.param, e.mask) for e in group)  # type: ignore[arg-type]
+            if total:
+                lines.append(
+                    f"GradientMasking {selector}: {frozen:,} of {total:,} elements masked "
+                    f"({100.0 * frozen / total:.1f}%) in {len(group)} tensors, {'strict' if self.strict else 'gradients only'}"
+                )
+        return lines
 
     def _build(self, model: nn.Module) -> list[_Masked]:
         entries: list[_Masked] = []
@@ -177,24 +193,21 @@ class GradientMasking(Callback):
                 entry = _Masked(selector, name, param)
                 if is_dynamic_spec(source):
                     entry.dynamic = source
-                    entry.keep = build_where_mask(param, source["op"], source["value"])
+                    entry.mask = build_where_mask(param, source["op"], source["value"])
                 else:
-                    entry.keep = resolve_mask_source(selector, source, name, param)
+                    entry.mask = resolve_mask_source(selector, source, name, param)
                 entries.append(entry)
         return entries
 
     def _record_counts(self, model: nn.Module) -> None:
-        masked = partial_state(model).masked
-        for e in self._entries:
-            masked[e.name] = count_masked(e.param, e.keep)  # type: ignore[arg-type]
+        record_masked(model, {e.name: count_masked(e.param, e.mask) for e in self._entries})  # type: ignore[arg-type]
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for e in self._entries:  # the strategy has moved the model by now; masks follow their parameter
-            e.keep = e.keep.to(e.param.device)  # type: ignore[union-attr]
+            e.mask = e.mask.to(e.param.device)  # type: ignore[union-attr]
         if world_size() > 1:
             self._broadcast_static_masks()
-        self._remove_hooks()
         for index, optimizer in enumerate(trainer.optimizers):
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
             mine = [e for e in self._entries if id(e.param) in owned]
@@ -210,11 +223,11 @@ class GradientMasking(Callback):
                     "mask (e.g. a tensor or 'magnitude'), or another optimizer."
                 )
             if self.strict:
-                self._handles.append(guard_masked_elements(optimizer, self._pairs_provider(mine), self.reuse_snapshots))
+                self.handles.add(guard_masked_elements(optimizer, self._pairs_provider(mine), self.reuse_snapshots))
             if dynamic:
-                self._handles.append(optimizer.register_step_post_hook(self._stale_marker(mine)))
+                self.handles.add(optimizer.register_step_post_hook(self._stale_marker(mine)))
         total = sum(e.param.numel() for e in self._entries)
-        frozen = sum(partial_state(pl_module).masked.get(e.name, 0) for e in self._entries)
+        frozen = sum(count_masked(e.param, e.mask) for e in self._entries)  # type: ignore[arg-type]
         rank_zero_info(
             f"GradientMasking: {len(self._entries)} parameters masked, {frozen:,} of {total:,} elements frozen "
             f"({'strict: bit-identical for any optimizer' if self.strict else 'gradients only: exact for plain SGD'})."
@@ -222,15 +235,15 @@ class GradientMasking(Callback):
 
     def _broadcast_static_masks(self) -> None:
         static = [e for e in self._entries if e.dynamic is None]
-        as_bytes = [e.keep.to(torch.uint8) for e in static]  # type: ignore[union-attr]
+        as_bytes = [e.mask.to(torch.uint8) for e in static]  # type: ignore[union-attr]
         broadcast_parameters(as_bytes)  # gloo cannot send bool; rank 0's masks win if ranks built differently
         for e, b in zip(static, as_bytes, strict=True):
-            e.keep = b.bool()
+            e.mask = b.bool()
 
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, e.keep) for e in entries if e.param.requires_grad]  # type: ignore[misc]
+            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]
 
         return pairs
 
@@ -249,17 +262,17 @@ class GradientMasking(Callback):
         # in between, so both see the same mask.
         for e in entries:
             if e.dynamic is not None and not e.fresh:
-                e.keep = build_where_mask(e.param, e.dynamic["op"], e.dynamic["value"])
+                e.mask = build_where_mask(e.param, e.dynamic["op"], e.dynamic["value"])
                 e.fresh = True
 
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+        raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         entries = [e for e in self._entries if not e.optimizers or id(raw) in e.optimizers]
         self._refresh(entries)
-        mask_gradients([e.param for e in entries], [e.keep for e in entries])  # type: ignore[misc]
+        mask_gradients([e.param for e in entries], [e.mask for e in entries])  # type: ignore[misc]
         _recheck_scaler(trainer, raw)
         if self.log_fraction and trainer.loggers and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self._log_fractions(pl_module, entries)
@@ -270,7 +283,7 @@ class GradientMasking(Callback):
             by_selector.setdefault(e.selector, []).append(e)
         for selector, group in by_selector.items():
             total = sum(e.param.numel() for e in group)
-            frozen = sum(count_masked(e.param, e.keep) for e in group)  # type: ignore[arg-type]
+            frozen = sum(count_masked(e.param, e.mask) for e in group)  # type: ignore[arg-type]
             pl_module.log(f"masked_fraction/{selector}", frozen / total, on_step=True, on_epoch=False)
 
     @override
@@ -279,30 +292,18 @@ class GradientMasking(Callback):
             self._record_counts(pl_module)
 
     @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         for e in self._entries:
             e.optimizers.clear()
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        if not self._entries:
-            return {"masks": dict(self._loaded or {})}
-        static = {e.name: e.keep.detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[union-attr]
+    def technique_state(self) -> dict[str, Any]:
+        static = {e.name: e.mask.detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[union-attr]
         return {"masks": static}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        masks = dict(state_dict.get("masks", {}))
-        if self._entries:
-            self._apply_loaded(masks)
-        else:
-            self._loaded = masks
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        self._apply_loaded(dict(state.get("masks", {})))
 
     def _apply_loaded(self, masks: dict[str, Tensor]) -> None:
         static = {e.name: e for e in self._entries if e.dynamic is None}
@@ -312,7 +313,7 @@ class GradientMasking(Callback):
         for name, mask in masks.items():
             if name in static:
                 e = static[name]
-                e.keep = as_bool_mask(mask, name, e.param)
+                e.mask = as_bool_mask(mask, name, e.param)
 
 
 def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -320,14 +321,13 @@ def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> Non
 
     The scaler looks for inf/NaN while unscaling, before this hook; an overflow only in masked (now zero)
     positions would skip the step and shrink the scale for nothing, at every step if it recurs. Re-check the
-    optimizer's gradients (x * 1.0 is exact) and overwrite its verdict. Touches GradScaler internals, so any
-    mismatch with a future torch leaves the scaler's own verdict in place.
+    optimizer's gradients (x * 1.0 is exact) and overwrite its verdict. Touches GradScaler internals through
+    :mod:`lit_partial._compat`, which fails loudly if a future torch changes them.
     """
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not scaler.is_enabled():
         return
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-    found_per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    found_per_device = scaler_found_inf_per_device(scaler, optimizer)
     if not found_per_device:
         return
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -335,13 +335,16 @@ def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> Non
         on_device = [g for g in grads if g.device == device and not g.is_sparse]
         found.zero_()
         if on_device:
-            torch._amp_foreach_non_finite_check_and_unscale_(on_device, found, torch.ones((), device=device))
+            non_finite_check_and_unscale_(on_device, found, torch.ones((), device=device))
 
 
-def _describe(source: Any) -> str:
-    # Short and stable: enough for two instances with different masks to get different state keys.
+def _describe(source: Any) -> Any:
+    """Plain data that changes whenever the mask source does (a tensor by shape and content digest)."""
     if isinstance(source, Tensor):
-        return f"tensor{tuple(source.shape)}"
+        data = source.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes()
+        return {"tensor": list(source.shape), "sha1": hashlib.sha1(data).hexdigest()[:16]}
     if isinstance(source, Mapping):
-        return repr(sorted(source.items()))
-    return str(source) if isinstance(source, Path) else getattr(source, "__qualname__", type(source).__name__)
+        return dict(source)
+    if isinstance(source, Path):
+        return {"file": str(source)}
+    return {"callable": getattr(source, "__qualname__", type(source).__name__)}

@@ -7,9 +7,9 @@ state for resume, and makes DDP correct:
 * Parameters DDP does not know about (unfrozen later) get their gradients averaged by us in ONE coalesced
   all-reduce in ``on_before_optimizer_step`` (once per optimizer step, so ``accumulate_grad_batches`` is
   respected), so replicas stay bit-identical without ``find_unused_parameters``.
-* Parameters that a ``"freeze"`` entry will freeze later are kept out of DDP from the start
-  (``_ddp_params_and_buffers_to_ignore``) and reduced the same way while they train: a parameter DDP
-  registered that stops receiving gradients would make DDP fail on the next step.
+* Parameters that a ``"freeze"`` entry will freeze later are kept out of DDP from the start and reduced the
+  same way while they train: a parameter DDP registered that stops receiving gradients would make DDP fail
+  on the next step.
 
 Example:
     >>> import lightning as L
@@ -19,17 +19,21 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_partial._compat import ddp_ignored_names, is_running_stats_norm, set_ddp_ignored_names
 from lit_partial._plain import to_plain
+from lit_partial.attach import Handle
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
     gradual_unfreezing_schedule,
@@ -37,16 +41,21 @@ from lit_partial.callbacks._freezing_schedule import (
     plan_phase_groups,
     progressive_freezing_schedule,
 )
-from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, check_supported_strategy, world_size
-from lit_partial.functional.freezing import norm_layers, set_requires_grad, trainable_parameter_count
-from lit_partial.selection import Selectors, as_selector_list, match_names, select_parameters
+from lit_partial.callbacks.base import Technique
+from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, strategy_family, world_size
+from lit_partial.errors import ConfigurationError
+from lit_partial.functional.freezing import (
+    hold_eval,
+    norm_parameter_ids,
+    set_requires_grad,
+    trainable_parameter_count,
+)
+from lit_partial.selection import Selectors, as_selector_list, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
 
-_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
-
-class LayerFreezing(Callback):
+class LayerFreezing(Technique):
     """Freeze modules from the start and unfreeze (or freeze) them on a schedule of epochs or steps.
 
     Frozen parameters get ``requires_grad=False`` and ``.grad=None``, so any optimizer (momentum, Adam, weight
@@ -62,6 +71,8 @@ class LayerFreezing(Callback):
         train_bn: If True, norm layers with running statistics inside frozen modules keep training (Lightning's
             ``BaseFinetuning`` default). If False, they are frozen and stay in eval mode, also after Lightning's
             ``model.train()`` calls, so the frozen prefix needs no backward at all.
+        accept_config_change: Resume from a checkpoint made with another configuration (see
+            :class:`~lit_partial.callbacks.base.Technique`).
 
     Example:
         >>> cb = LayerFreezing.gradual_unfreezing(["backbone.0", "backbone.1", "backbone.2"], lr_decay=2.6)
@@ -69,26 +80,33 @@ class LayerFreezing(Callback):
         'epoch 1: unfreeze backbone.2 (lr_scale 0.385)'
     """
 
-    def __init__(self, frozen: Selectors | None = None, schedule: Sequence[Any] | None = None, train_bn: bool = False):
+    def __init__(
+        self,
+        frozen: Selectors | None = None,
+        schedule: Sequence[Any] | None = None,
+        train_bn: bool = False,
+        *,
+        accept_config_change: bool = False,
+    ) -> None:
+        super().__init__(accept_config_change=accept_config_change)
         frozen = to_plain(frozen)
         self.frozen: list[str] = [] if frozen is None else as_selector_list(frozen, argument="frozen")
         self.schedule: list[ScheduleEntry] = parse_schedule(schedule)
         if not isinstance(train_bn, bool):
-            raise ValueError(f"`train_bn` is {train_bn!r}; expected True or False.")
+            raise ConfigurationError(f"`train_bn` is {train_bn!r}; expected True or False.")
         if not self.frozen and not self.schedule:
-            raise ValueError(
+            raise ConfigurationError(
                 "LayerFreezing got neither `frozen` nor `schedule`; give at least one, e.g. frozen='backbone'."
             )
         self.train_bn = train_bn
-        self._raw_schedule = [to_plain(e) for e in (to_plain(schedule) or [])]
         self._applied: list[bool] = [False] * len(self.schedule)
+        self._pending: list[int] = list(range(len(self.schedule)))  # entries not applied yet, in schedule order
         self._held: dict[str, bool] = {}  # norm-module name -> kept in eval mode
-        self._pending_state: dict[str, Any] | None = None
-        self._model: nn.Module | None = None
-        self._ddp_known: set[int] | None = None  # ids of parameters DDP reduces; None when not distributed
-        self._unsynced: dict[int, list[nn.Parameter]] = {}  # optimizer id -> trainable params DDP does not reduce
-        self._ignore_added: list[str] = []
         self._held_modules: list[nn.Module] = []
+        self._ddp_known: set[int] | None = None  # ids of parameters DDP reduces; None when not under DDP
+        self._unsynced: dict[int, list[nn.Parameter]] = {}  # optimizer id -> trainable params DDP does not reduce
+        self._events: list[str] = []
+        self._trained: weakref.ref[nn.Module] | None = None  # the model of the last fit, for state_dict after it
         self.trainable_params: int | None = None
 
     # ------------------------------------------------------------------ recipes
@@ -116,10 +134,37 @@ class LayerFreezing(Callback):
         """FreezeOut: block ``i`` of ``N`` (bottom first) freezes at ``t0 + (1 - t0) i/(N-1)`` of ``total``."""
         return cls(schedule=progressive_freezing_schedule(blocks, total, t0, unit), train_bn=train_bn)
 
-    @property
+    # ------------------------------------------------------------------ Technique contract
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(frozen=self.frozen, schedule=self._raw_schedule, train_bn=self.train_bn)
+    def config(self) -> dict[str, Any]:
+        return {
+            "frozen": self.frozen,
+            "schedule": [dataclasses.asdict(entry) for entry in self.schedule],
+            "train_bn": self.train_bn,
+        }
+
+    @override
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trained = weakref.ref(pl_module)
+        self._applied = [False] * len(self.schedule)  # a new fit starts the schedule; resume restores it after this
+        self._pending = list(range(len(self.schedule)))
+        self._held, self._events = {}, []
+        for entry in self.schedule:  # resolve everything now: unknown names fail before the first step
+            self._params(pl_module, entry.unfreeze + entry.freeze)
+        if self.frozen:
+            self._change(pl_module, self.frozen, trainable=False)
+        self._check_schedule(pl_module)
+        self._exclude_from_ddp(trainer, pl_module)
+        self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
+
+    @override
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        self._ddp_known = None
+        self._unsynced.clear()
+
+    @override
+    def run_summary(self) -> list[str]:
+        return [f"LayerFreezing {line}" for line in self._events]
 
     # ------------------------------------------------------------------ resolution
     def _params(self, model: nn.Module, selectors: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
@@ -127,21 +172,13 @@ class LayerFreezing(Callback):
         chosen = select_parameters(model, list(selectors))
         if not self.train_bn:
             return chosen
-        keep = {id(p) for m in norm_layers(model) for p in m.parameters()}
+        keep = norm_parameter_ids(model)
         return [(n, p) for n, p in chosen if id(p) not in keep]
 
     @staticmethod
     def _norms(model: nn.Module, selectors: Sequence[str]) -> list[str]:
         """Names of running-stat norm layers under the modules that ``selectors`` name."""
-        modules = dict(model.named_modules())
-        norm_ids = {id(m) for m in norm_layers(model)}
-        hits: set[str] = set()
-        for selector in selectors:
-            for name in match_names([n for n in modules if n], selector):
-                hits.update(
-                    n for n in modules if (n == name or n.startswith(name + ".")) and id(modules[n]) in norm_ids
-                )
-        return [n for n in modules if n in hits]
+        return [n for n, m in select_submodules(model, list(selectors), missing_ok=True) if is_running_stats_norm(m)]
 
     def _change(self, model: nn.Module, selectors: Sequence[str], trainable: bool) -> list[str]:
         params = self._params(model, selectors)
@@ -152,41 +189,19 @@ class LayerFreezing(Callback):
             self._held[norm] = not trainable and not self.train_bn
             if not self._held[norm]:
                 model.get_submodule(norm).train(model.training)
-        self._refresh_held(model)
+        self._held_modules = [model.get_submodule(n) for n, held in self._held.items() if held]
         return names
 
-    def _refresh_held(self, model: nn.Module) -> None:
-        # Held in the train hooks only: eval modules before on_train_start would trip Lightning's eval-mode warning.
-        self._held_modules = [model.get_submodule(n) for n, held in self._held.items() if held]
-
     def _hold(self) -> None:
-        for m in self._held_modules:
-            if m.training:
-                m.train(False)
+        # Held in the train hooks only: eval modules before on_train_start would trip Lightning's eval-mode warning.
+        hold_eval(self._held_modules)
 
-    # ------------------------------------------------------------------ Lightning hooks
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_supported_strategy(trainer, "LayerFreezing")
-        self._model = pl_module
-        self._applied = [False] * len(self.schedule)  # a new fit starts the schedule; resume restores it after this
-        self._held = {}
-        for entry in self.schedule:  # resolve everything now: unknown names fail before the first step
-            self._params(pl_module, entry.unfreeze + entry.freeze)
-        if self.frozen:
-            self._change(pl_module, self.frozen, trainable=False)
-        self._warn_on_noop_unfreeze(pl_module)
-        if self._pending_state is not None:
-            self._restore(pl_module, self._pending_state)
-        self._exclude_from_ddp(trainer, pl_module)
-        self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
-
-    def _warn_on_noop_unfreeze(self, model: nn.Module) -> None:
-        # Unfreezing "backbone" after "backbone.3" is normal; a selector that finds nothing frozen is a mistake.
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        for entry in self.schedule:
+    def _check_schedule(self, model: nn.Module) -> None:
+        """Warn on unfreezing what will not be frozen; refuse a phase in which nothing at all is trainable."""
+        params = dict(model.named_parameters())
+        frozen = {n for n, p in params.items() if not p.requires_grad}
+        self._refuse_all_frozen(model, frozen, params, None)
+        for i, entry in enumerate(self.schedule):
             unfreeze: set[str] = set()
             for selector in entry.unfreeze:
                 names = [n for n, _ in self._params(model, [selector])]
@@ -198,34 +213,56 @@ class LayerFreezing(Callback):
                 unfreeze.update(names)
             refrozen = {n for n, _ in self._params(model, entry.freeze)} if entry.freeze else set()
             frozen = (frozen - unfreeze) | refrozen
+            following = self.schedule[i + 1] if i + 1 < len(self.schedule) else None
+            if following is None or (following.kind, following.point) != (entry.kind, entry.point):
+                self._refuse_all_frozen(model, frozen, params, entry)
+
+    def _refuse_all_frozen(
+        self, model: nn.Module, frozen: set[str], params: dict[str, nn.Parameter], after: ScheduleEntry | None
+    ) -> None:
+        if len(frozen) < len(params):
+            return
+        first = self.schedule[0] if self.schedule else None
+        if after is None and first is not None and first.point == 0 and first.unfreeze:
+            return  # an entry at epoch/step 0 unfreezes before the first step
+        when = "from the start" if after is None else f"after '{after.describe()}'"
+        raise ConfigurationError(
+            f"LayerFreezing leaves no parameter of {type(model).__name__} trainable {when} (frozen={self.frozen}), "
+            "so there is nothing to backpropagate into (torch would stop with 'element 0 of tensors does not "
+            "require grad'). Fix: keep at least one module trainable (e.g. the head), or unfreeze something earlier."
+        )
 
     def _exclude_from_ddp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A parameter DDP registered that stops getting gradients breaks DDP's next step (without the costly
         # find_unused_parameters); keep such parameters out of DDP and reduce them ourselves.
-        if not type(trainer.strategy).__name__.lower().startswith("ddp"):  # DDP wraps even a single process
+        if strategy_family(trainer) != "ddp":  # DDP wraps even a single process
             return
         later = [n for e in self.schedule if e.freeze for n, _ in self._params(pl_module, e.freeze)]
-        existing = list(getattr(pl_module, _DDP_IGNORE, []))
-        self._ignore_added = [n for n in dict.fromkeys(later) if n not in existing]
-        if self._ignore_added:
-            setattr(pl_module, _DDP_IGNORE, existing + self._ignore_added)
-            if not any(p.requires_grad for n, p in pl_module.named_parameters() if n not in set(existing + later)):
-                raise ValueError(
-                    "LayerFreezing under DDP: every parameter trainable at the start is frozen later by the schedule, "
-                    "so DDP would wrap a model with nothing to reduce. Fix: keep at least one module (e.g. the head) "
-                    "trainable for the whole run."
-                )
+        existing = ddp_ignored_names(pl_module)
+        added = [n for n in dict.fromkeys(later) if n not in existing]
+        if not added:
+            return
+        ignored = set(existing + later)
+        if not any(p.requires_grad for n, p in pl_module.named_parameters() if n not in ignored):
+            raise ConfigurationError(
+                "LayerFreezing under DDP: every parameter trainable at the start is frozen later by the schedule, "
+                "so DDP would wrap a model with nothing to reduce. Fix: keep at least one module (e.g. the head) "
+                "trainable for the whole run."
+            )
+        set_ddp_ignored_names(pl_module, existing + added)
+        self.handles.add(Handle(lambda: set_ddp_ignored_names(pl_module, existing)))
 
+    # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel):
+        if strategy_family(trainer) != "ddp":
             self._ddp_known = None
         else:
-            ignored = set(getattr(pl_module, _DDP_IGNORE, []))
+            ignored = set(ddp_ignored_names(pl_module))
             self._ddp_known = {id(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in ignored}
             self._unsynced.clear()
             # DDP broadcasts only what it does not ignore; our excluded parameters start identical too.
-            broadcast_parameters([p for n, p in pl_module.named_parameters() if n in set(self._ignore_added)])
+            broadcast_parameters([p for n, p in pl_module.named_parameters() if n in ignored])
         self._warn_on_unoptimized(trainer, pl_module)
 
     def _warn_on_unoptimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -241,27 +278,46 @@ class LayerFreezing(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._warn_on_unreachable(trainer)
         self._hold()
+
+    def _warn_on_unreachable(self, trainer: L.Trainer) -> None:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
+        total_steps = float(trainer.estimated_stepping_batches)
+        for i in self._pending:
+            entry = self.schedule[i]
+            limit, unit = (max_epochs, "epochs") if entry.kind == "epoch" else (total_steps, "optimizer steps")
+            if entry.point >= limit:
+                rank_zero_warn(
+                    f"LayerFreezing schedule entry '{entry.describe()}' will never run: the run has {limit:g} {unit} "
+                    f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}). Fix: move the entry earlier "
+                    "or train longer."
+                )
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_due(trainer, pl_module, "epoch", trainer.current_epoch)
+        self._apply_due(trainer, pl_module, kinds=("epoch",))
         self._hold()
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._apply_due(trainer, pl_module, "step", trainer.global_step)
+        # Epoch entries too: resuming from a checkpoint saved on an epoch's last batch skips the next epoch start.
+        if self._pending:
+            self._apply_due(trainer, pl_module, kinds=("epoch", "step"))
         self._hold()
 
-    def _apply_due(self, trainer: L.Trainer, pl_module: L.LightningModule, kind: str, now: int) -> None:
-        for i, entry in enumerate(self.schedule):
-            if self._applied[i] or entry.kind != kind or entry.point > now:
+    def _apply_due(self, trainer: L.Trainer, pl_module: L.LightningModule, kinds: tuple[str, ...]) -> None:
+        now = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for i in list(self._pending):
+            entry = self.schedule[i]
+            if entry.kind not in kinds or entry.point > now[entry.kind]:
                 continue
             unfrozen = self._change(pl_module, entry.unfreeze, trainable=True) if entry.unfreeze else []
             frozen = self._change(pl_module, entry.freeze, trainable=False) if entry.freeze else []
             self._applied[i] = True
+            self._pending.remove(i)
             what = "; ".join(
                 s
                 for s in (
@@ -276,9 +332,9 @@ class LayerFreezing(Callback):
         self.trainable_params = trainable_parameter_count(pl_module)
         total = sum(p.numel() for p in pl_module.parameters())
         if what:
-            rank_zero_info(
-                f"LayerFreezing at {when}: {what}; trainable parameters {self.trainable_params:,} of {total:,}"
-            )
+            line = f"at {when}: {what}; trainable parameters {self.trainable_params:,} of {total:,}"
+            rank_zero_info(f"LayerFreezing {line}")
+            self._events.append(f"{line} ({100.0 * self.trainable_params / max(total, 1):.1f}%)")
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"layer_freezing/trainable_params": float(self.trainable_params)}, step=trainer.global_step
@@ -299,27 +355,21 @@ class LayerFreezing(Callback):
             params = self._unsynced[id(optimizer)] = list(dict.fromkeys(wanted))
         all_reduce_gradients(params)
 
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._ignore_added:
-            remaining = [n for n in getattr(pl_module, _DDP_IGNORE, []) if n not in set(self._ignore_added)]
-            setattr(pl_module, _DDP_IGNORE, remaining) if remaining else delattr(pl_module, _DDP_IGNORE)
-            self._ignore_added = []
-        self._ddp_known = None
-        self._unsynced.clear()
-
     # ------------------------------------------------------------------ planning (ParamGroupPlanner)
     def plan_param_groups(self, model: nn.Module, defaults: dict[str, Any]) -> list[dict[str, Any]]:
         """One parameter group per schedule phase, all present from the start, each named (``"name"`` key).
 
         ``"trainable"`` holds what trains from the start, ``"unfreeze@epoch2"`` what that entry unfreezes
-        (learning rate ``lr * lr_scale``), ``"frozen"`` what the schedule never unfreezes. Every parameter
-        of ``model`` is in exactly one group.
+        (learning rate ``lr * lr_scale``), ``"frozen"`` what the schedule never unfreezes. What is frozen at the
+        start is what ``frozen`` selects plus whatever else does not require gradients when the groups are
+        planned (e.g. a PEFT model's frozen base weights), so a schedule entry unfreezing those keeps its
+        ``lr_scale``. Every parameter of ``model`` is in exactly one group.
 
         Raises:
             ValueError: If an entry has an ``lr_scale`` but ``defaults`` has no ``lr`` to scale.
         """
         initially_frozen = {n for n, _ in self._params(model, self.frozen)} if self.frozen else set()
+        initially_frozen |= {n for n, p in model.named_parameters() if not p.requires_grad}
         phases = [("trainable", [n for n, _ in model.named_parameters() if n not in initially_frozen], 1.0)]
         for entry in self.schedule:
             if entry.unfreeze:
@@ -328,40 +378,40 @@ class LayerFreezing(Callback):
 
     # ------------------------------------------------------------------ resume
     @override
-    def state_dict(self) -> dict[str, Any]:
-        model = self._model
+    def technique_state(self) -> dict[str, Any]:
+        # The model-wide frozen set (other freezing callbacks included), read when the checkpoint is written.
+        model = self._trained() if self._trained is not None else None
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad] if model is not None else []
         return {
             "applied": list(self._applied),
             "frozen": frozen,
             "held_norms": sorted(n for n, h in self._held.items() if h),
+            "events": list(self._events),
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(state_dict.get("applied", [])) != len(self.schedule):
-            raise ValueError(
-                f"the checkpoint's LayerFreezing state has {len(state_dict.get('applied', []))} schedule entries, this "
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        if len(state.get("applied", [])) != len(self.schedule):
+            raise ConfigurationError(
+                f"the checkpoint's LayerFreezing state has {len(state.get('applied', []))} schedule entries, this "
                 f"callback {len(self.schedule)}. Fix: resume with the schedule the checkpoint was trained with."
             )
-        if self._model is not None:  # Lightning restores callbacks after setup and before the DDP wrap
-            self._restore(self._model, state_dict)
-        else:
-            self._pending_state = dict(state_dict)
-
-    def _restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model = self.model
+        if model is None:  # not fitting (e.g. validate with ckpt_path): nothing to restore onto
+            return
         params = dict(model.named_parameters())
         unknown = sorted(set(state["frozen"]) - set(params))
         if unknown:
-            raise ValueError(
+            raise ConfigurationError(
                 f"the checkpoint freezes parameters {unknown[:5]} this model does not have; resume the same model."
             )
         frozen = set(state["frozen"])
         for name, p in params.items():
             set_requires_grad([p], name not in frozen)
         self._unsynced.clear()
-        modules = dict(model.named_modules())
-        self._held = {n: n in set(state["held_norms"]) for n in modules if n and modules[n] in norm_layers(model)}
+        held = set(state["held_norms"])
+        self._held = {n: n in held for n, m in model.named_modules() if n and is_running_stats_norm(m)}
+        self._held_modules = [model.get_submodule(n) for n, h in self._held.items() if h]
         self._applied = list(state["applied"])
-        self._pending_state = None
-        self._refresh_held(model)
+        self._pending = [i for i, done in enumerate(self._applied) if not done]
+        self._events = list(state.get("events", []))

@@ -43,15 +43,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lit_partial.attach import register_batch_transform
+from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import uniform_draw
-from lit_partial.distributed import check_supported_strategy
+from lit_partial.errors import ConfigurationError, UsageError
 from lit_partial.functional.selection_sampling import (
     SamplePool,
     batch_size_of,
@@ -63,9 +63,18 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
-from lit_partial.module import PartialBackpropMixin, register_batch_transform
+from lit_partial.module import PartialBackpropMixin
 
 __all__ = ["SelectiveBackprop"]
+
+
+class _MissingPerSampleLoss(UsageError, NotImplementedError):
+    """The model has no ``per_sample_loss`` to score samples with."""
+
+
+class _DataModuleHookError(UsageError, RuntimeError):
+    """The batch never reaches the model's ``on_after_batch_transfer`` (where the selection happens)."""
+
 
 METHODS = ("topk", "probability", "outliers")
 UNITS = ("fraction", "epoch", "step")
@@ -74,10 +83,10 @@ SCORE_MODES = ("eval", "train")
 
 def _positive_int_or_none(value: Any, name: str, example: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}; e.g. {example}.")
+        raise ConfigurationError(f"`{name}` must be a positive integer or None, got {value!r}; e.g. {example}.")
 
 
-class SelectiveBackprop(Callback):
+class SelectiveBackprop(Technique):
     """Backpropagate only selected samples of each training batch (high loss, or without outliers).
 
     Args:
@@ -95,6 +104,8 @@ class SelectiveBackprop(Callback):
         score_mode: ``"eval"`` scores in eval mode; ``"train"`` scores with batch statistics and restores all
             buffers and the global RNG afterwards. Either way, running statistics update once per step.
         seed: Seed of the ``"probability"`` draws (combined with rank, global step and batch count).
+        accept_config_change: Resume from a checkpoint made with another configuration (see
+            :class:`~lit_partial.callbacks.base.Technique`); by default that is an error naming what changed.
 
     Attributes:
         forward_samples: Samples forwarded by this rank so far (scoring pass + training forward).
@@ -103,8 +114,8 @@ class SelectiveBackprop(Callback):
 
     Example:
         >>> sb = SelectiveBackprop(keep=0.5, method="outliers", start=1, unit="epoch")
-        >>> sb.state_key
-        "SelectiveBackprop{'keep': 0.5, 'method': 'outliers'}"
+        >>> sb.config()["method"], sb.config()["start"]
+        ('outliers', 1)
     """
 
     def __init__(
@@ -120,29 +131,37 @@ class SelectiveBackprop(Callback):
         full_batch_every_n_steps: int | None = None,
         score_mode: str = "eval",
         seed: int = 0,
+        accept_config_change: bool = False,
     ) -> None:
+        super().__init__(accept_config_change=accept_config_change)
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-            raise ValueError(f"`keep` must be a fraction in (0, 1], got {keep!r}; e.g. keep=0.25 trains on a quarter.")
+            raise ConfigurationError(
+                f"`keep` must be a fraction in (0, 1], got {keep!r}; e.g. keep=0.25 trains on a quarter."
+            )
         if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+            raise ConfigurationError(f"`method` must be one of {METHODS}, got {method!r}.")
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
-            raise ValueError(f"`history_size` must be a positive integer, got {history_size!r}; e.g. 1024.")
+            raise ConfigurationError(f"`history_size` must be a positive integer, got {history_size!r}; e.g. 1024.")
         _positive_int_or_none(pool_size, "pool_size", "pool_size=256")
         if unit not in UNITS:
-            raise ValueError(f"`unit` must be one of {UNITS}, got {unit!r}.")
+            raise ConfigurationError(f"`unit` must be one of {UNITS}, got {unit!r}.")
         if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
-            raise ValueError(f"`start` must be a number >= 0, got {start!r}.")
+            raise ConfigurationError(f"`start` must be a number >= 0, got {start!r}.")
         if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or end <= start):
-            raise ValueError(f"`end` must be None or a number > start={start!r}, got {end!r}.")
+            raise ConfigurationError(f"`end` must be None or a number > start={start!r}, got {end!r}.")
         if unit == "fraction" and (start >= 1 or (end is not None and end > 1)):
-            raise ValueError(f"with unit='fraction', need 0 <= start < end <= 1, got start={start!r}, end={end!r}.")
+            raise ConfigurationError(
+                f"with unit='fraction', need 0 <= start < end <= 1, got start={start!r}, end={end!r}."
+            )
         if unit != "fraction" and (start != int(start) or (end is not None and end != int(end))):
-            raise ValueError(f"with unit={unit!r}, `start` and `end` must be whole numbers, got {start!r}, {end!r}.")
+            raise ConfigurationError(
+                f"with unit={unit!r}, `start` and `end` must be whole numbers, got {start!r}, {end!r}."
+            )
         _positive_int_or_none(full_batch_every_n_steps, "full_batch_every_n_steps", "full_batch_every_n_steps=4")
         if score_mode not in SCORE_MODES:
-            raise ValueError(f"`score_mode` must be one of {SCORE_MODES}, got {score_mode!r}.")
+            raise ConfigurationError(f"`score_mode` must be one of {SCORE_MODES}, got {score_mode!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+            raise ConfigurationError(f"`seed` must be an integer, got {seed!r}.")
         self.keep, self.method, self.history_size, self.pool_size = float(keep), method, history_size, pool_size
         self.start, self.end, self.unit = start, end, unit
         self.full_batch_every_n_steps, self.score_mode, self.seed = full_batch_every_n_steps, score_mode, seed
@@ -153,58 +172,53 @@ class SelectiveBackprop(Callback):
         self._scored_batches = 0
         self._history: Tensor | None = None
         self._pool: SamplePool | None = None
-        self._handle: RemovableHandle | None = None
-        self._model: L.LightningModule | None = None
         self._total_steps: float = math.inf
         self._transformed = False
-        self._checked_shape = False
         self._last: dict[str, float | Tensor] = {}
         self._last_drawn = 0.0
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(keep=self.keep, method=self.method)
+    def config(self) -> dict[str, Any]:
+        names = ("keep", "method", "history_size", "pool_size", "start", "end", "unit", "full_batch_every_n_steps")
+        return {name: getattr(self, name) for name in (*names, "score_mode", "seed")}
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_supported_strategy(trainer, "SelectiveBackprop")
+    def run_summary(self) -> list[str]:
+        if not self.forward_samples:
+            return []
+        return [
+            f"SelectiveBackprop ({self.method}, keep={self.keep}): backpropagated {self.backward_samples:,} samples, "
+            f"scored {self.scored_samples:,}; {self.forward_samples:,} sample forwards in all"
+        ]
+
+    @override
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         name = type(pl_module).__name__
         if not isinstance(pl_module, PartialBackpropMixin):
-            raise TypeError(
+            raise UsageError(
                 f"SelectiveBackprop needs to replace the batch, which a callback cannot do on {name}. "
                 f"Fix: declare `class {name}(PartialBackpropMixin, L.LightningModule)` and implement per_sample_loss."
             )
         if type(pl_module).per_sample_loss is PartialBackpropMixin.per_sample_loss:
-            raise NotImplementedError(
+            raise _MissingPerSampleLoss(
                 f"SelectiveBackprop scores samples with {name}.per_sample_loss(batch), which is not implemented. "
                 "Fix: return the unreduced loss of shape (B,), e.g. `F.cross_entropy(self(x), y, reduction='none')`."
             )
         datamodule = trainer.datamodule
         if datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, L.LightningDataModule):
-            raise RuntimeError(
+            raise _DataModuleHookError(
                 f"{type(datamodule).__name__} overrides on_after_batch_transfer, so Lightning calls it instead of "
                 f"{name}'s and SelectiveBackprop would silently never select. Fix: move that code into the model's "
                 "on_after_batch_transfer (calling super()) or into the dataset / collate_fn."
             )
-        self._model = pl_module
-        self._handle = register_batch_transform(pl_module, self._transform)
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._model = None
+        self.handles.add(register_batch_transform(pl_module, self._transform))
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.unit == "fraction" and (self.start > 0 or (self.end is not None and self.end < 1)):
             self._total_steps = float(trainer.estimated_stepping_batches)
             if not math.isfinite(self._total_steps):
-                raise ValueError(
+                raise ConfigurationError(
                     "SelectiveBackprop(unit='fraction') needs a known training length, but the trainer has neither "
                     "max_epochs nor max_steps. Fix: set one of them, or use unit='epoch' / unit='step'."
                 )
@@ -226,8 +240,8 @@ class SelectiveBackprop(Callback):
         return self.start <= position and (self.end is None or position < self.end)
 
     def _transform(self, batch: Any, dataloader_idx: int) -> Any:
-        model = self._model
-        if model is None or not model.trainer.training:
+        model = self.model
+        if not isinstance(model, L.LightningModule) or not model.trainer.training:
             return batch
         trainer = model.trainer
         self._transformed = True
@@ -273,7 +287,7 @@ class SelectiveBackprop(Callback):
                         buffer.copy_(saved)
         if not isinstance(losses, Tensor) or tuple(losses.shape) != (size,):
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
+            raise ConfigurationError(
                 f"{type(model).__name__}.per_sample_loss(batch) must return one loss per sample, shape ({size},), "
                 f"got {got}. Fix: use reduction='none' and average any other dimensions, e.g. `loss.mean(dim=1)`."
             )
@@ -304,7 +318,7 @@ class SelectiveBackprop(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._transformed:
-            raise RuntimeError(
+            raise _DataModuleHookError(
                 "SelectiveBackprop's batch transform did not run on this training batch, so it would silently train "
                 "on full batches. Fix: call `super().on_after_batch_transfer(batch, dataloader_idx)` in "
                 f"{type(pl_module).__name__}.on_after_batch_transfer (and do not take `dataloader_iter` in "
@@ -322,7 +336,7 @@ class SelectiveBackprop(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def technique_state(self) -> dict[str, Any]:
         return {
             "forward_samples": self.forward_samples,
             "backward_samples": self.backward_samples,
@@ -333,13 +347,13 @@ class SelectiveBackprop(Callback):
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.forward_samples = int(state_dict["forward_samples"])
-        self.backward_samples = int(state_dict["backward_samples"])
-        self.scored_samples = int(state_dict["scored_samples"])
-        self._scored_batches = int(state_dict["scored_batches"])
-        self._history = state_dict["history"]
-        pool = state_dict["pool"]
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        self.forward_samples = int(state["forward_samples"])
+        self.backward_samples = int(state["backward_samples"])
+        self.scored_samples = int(state["scored_samples"])
+        self._scored_batches = int(state["scored_batches"])
+        self._history = state["history"]
+        pool = state["pool"]
         self._pool = None
         if pool is not None:
             self._pool = SamplePool(int(pool["capacity"]))

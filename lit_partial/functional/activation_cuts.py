@@ -29,60 +29,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_partial.errors import UnsafeCheckpointError
+from lit_partial._compat import version_counter
+from lit_partial.attach import Handles, wrap_forward
+from lit_partial.errors import ConfigurationError, UnsafeCheckpointError
+from lit_partial.functional.freezing import norm_layers
 from lit_partial.selection import Selectors, outermost, select_modules
+from lit_partial.tree import detach, leaves
 
 __all__ = [
     "Handles",
     "UnsafeCheckpointError",
     "checkpoint_modules",
     "detach_outputs",
-    "detach_tree",
     "offload_modules",
     "resolve_segments",
 ]
 
 When = Callable[[str, Any], bool]
 Segments = int | str | None
-
-
-class Handles:
-    """Removes what it holds in reverse order of attachment (forward patches must unwind like a stack)."""
-
-    def __init__(self, removers: Sequence[Callable[[], None]] = ()) -> None:
-        self._removers = list(removers)
-
-    def add(self, remover: Callable[[], None]) -> None:
-        """Register one more undo action."""
-        self._removers.append(remover)
-
-    def remove(self) -> None:
-        """Undo everything, last attached first; calling it twice is harmless."""
-        while self._removers:
-            self._removers.pop()()
-
-    def __len__(self) -> int:
-        return len(self._removers)
-
-
-def detach_tree(value: Any) -> Any:
-    """``value`` with every tensor inside (tuples, lists, dicts) replaced by its ``.detach()``."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuples rebuild from fields
-        return type(value)(*(detach_tree(v) for v in value))
-    if isinstance(value, list | tuple):
-        return type(value)(detach_tree(v) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, detach_tree(v)) for k, v in value.items())
-    return value
 
 
 def detach_outputs(model: nn.Module, selectors: Selectors, *, when: When | None = None) -> Handles:
@@ -108,9 +79,9 @@ def detach_outputs(model: nn.Module, selectors: Selectors, *, when: When | None 
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> Any:
             if when is not None and not when(name, output):
                 return None
-            return detach_tree(output)
+            return detach(output)
 
-        handles.add(module.register_forward_hook(hook).remove)
+        handles.add(module.register_forward_hook(hook))
     return handles
 
 
@@ -120,31 +91,8 @@ def resolve_segments(segments: Segments, length: int) -> int:
     return min(count, length)
 
 
-def _patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[], None]:
-    """Replace ``module.forward`` by ``make(current_forward)``; the returned function restores it."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = make(module.forward)  # type: ignore[method-assign]
-
-    def restore() -> None:
-        if had_own:
-            module.forward = previous  # type: ignore[method-assign]
-        else:
-            module.__dict__.pop("forward", None)
-
-    return restore
-
-
-def _tensors(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
-    return [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-
-
-def _norms(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-
-
 @contextlib.contextmanager
-def _running_stats_restored(norms: list[nn.modules.batchnorm._NormBase]) -> Iterator[None]:
+def _running_stats_restored(norms: list[nn.Module]) -> Iterator[None]:
     """Undo the running-statistics update of these BatchNorm layers (the recomputation's second one)."""
     saved = [
         (b, b.clone())
@@ -161,9 +109,7 @@ def _running_stats_restored(norms: list[nn.modules.batchnorm._NormBase]) -> Iter
                 buffer.copy_(value)
 
 
-def _recomputable(
-    fn: Callable[..., Any], module: nn.Module, name: str, norms: list[nn.modules.batchnorm._NormBase]
-) -> Callable[..., Any]:
+def _recomputable(fn: Callable[..., Any], module: nn.Module, name: str, norms: list[nn.Module]) -> Callable[..., Any]:
     """``fn`` for one checkpointed call: the first run checks for in-place input edits, reruns restore BN stats."""
     first = True
 
@@ -175,10 +121,10 @@ def _recomputable(
             with _running_stats_restored(norms):
                 return fn(*args, **kwargs)
         first = False
-        inputs = _tensors(args, kwargs)
-        versions = [t._version for t in inputs]
+        inputs = leaves((args, kwargs))
+        versions = [version_counter(t) for t in inputs]
         out = fn(*args, **kwargs)
-        if any(t._version != v for t, v in zip(inputs, versions, strict=True)):
+        if any(version_counter(t) != v for t, v in zip(inputs, versions, strict=True)):
             raise UnsafeCheckpointError(
                 f"checkpointed module {name!r} ({type(module).__name__}) modified its input in place, so recomputing "
                 "it in backward would start from the modified input and give wrong gradients. Fix: remove it from "
@@ -220,7 +166,7 @@ def checkpoint_modules(
     if segments is not None:
         not_sequential = [f"{n!r} ({type(m).__name__})" for n, m in chosen if not isinstance(m, nn.Sequential)]
         if not_sequential:
-            raise ValueError(
+            raise ConfigurationError(
                 f"`segments={segments!r}` splits an nn.Sequential into pieces, but these selected modules are not "
                 f"nn.Sequential: {', '.join(not_sequential)}. Fix: select the Sequential itself (e.g. 'blocks'), or "
                 "drop `segments`."
@@ -228,30 +174,27 @@ def checkpoint_modules(
     handles = Handles()
     for name, module in chosen:
         pieces = resolve_segments(segments, len(module)) if segments is not None else 0
-        handles.add(_patch_forward(module, _checkpoint_wrapper(module, name, pieces, enabled)))
+        handles.add(wrap_forward(module, _checkpoint_wrapper(module, name, pieces, enabled)))
     return handles
 
 
 def _checkpoint_wrapper(
     module: nn.Module, name: str, pieces: int, enabled: Callable[[], bool] | None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    split = [(piece, f"{name}[{span}]", _norms(piece)) for piece, span in _split(module, pieces)] if pieces else []
-    norms = _norms(module)  # BatchNorm layers are found once; whether they are in train mode is asked per call
+) -> Callable[..., Any]:
+    split = [(piece, f"{name}[{span}]", norm_layers(piece)) for piece, span in _split(module, pieces)] if pieces else []
+    norms = norm_layers(module)  # BatchNorm layers are found once; whether they are in train mode is asked per call
 
-    def make(forward: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
-                return forward(*args, **kwargs)
-            if not split:
-                return _checkpointed(_recomputable(forward, module, name, norms), *args, **kwargs)
-            (x,) = args  # nn.Sequential.forward takes exactly one input
-            for piece, piece_name, piece_norms in split:
-                x = _checkpointed(_recomputable(piece, piece, piece_name, piece_norms), x)
-            return x
+    def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
+            return forward(*args, **kwargs)
+        if not split:
+            return _checkpointed(_recomputable(forward, module, name, norms), *args, **kwargs)
+        (x,) = args  # nn.Sequential.forward takes exactly one input
+        for piece, piece_name, piece_norms in split:
+            x = _checkpointed(_recomputable(piece, piece, piece_name, piece_norms), x)
+        return x
 
-        return wrapper
-
-    return make
+    return wrapper
 
 
 def _split(seq: nn.Sequential, pieces: int) -> list[tuple[nn.Sequential, str]]:
@@ -280,16 +223,13 @@ def offload_modules(
     pin = pin_memory and torch.cuda.is_available()
     handles = Handles()
     named = dict(select_modules(model, selectors))
+
+    def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
+            return forward(*args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+            return forward(*args, **kwargs)
+
     for name in outermost(named):
-
-        def make(forward: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
-                    return forward(*args, **kwargs)
-                with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-                    return forward(*args, **kwargs)
-
-            return wrapper
-
-        handles.add(_patch_forward(named[name], make))
+        handles.add(wrap_forward(named[name], wrapper))
     return handles

@@ -30,6 +30,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from lit_partial._compat import version_counter, view_base
+
 __all__ = ["SavedTensorTracker", "saved_activation_bytes", "storage_key"]
 
 
@@ -43,16 +45,17 @@ class _Saved:
         # that never frees; the detached alias shares storage and version counter, and autograd re-attaches
         # the history on unpack.
         self.tensor = tensor.detach()
-        self.version = tensor._version
+        self.version = version_counter(tensor)
 
 
 def _unpack(obj: Any) -> Any:
     if not isinstance(obj, _Saved):
         return obj
-    if obj.tensor._version != obj.version:  # what autograd checks itself when no hooks are installed
+    if version_counter(obj.tensor) != obj.version:  # what autograd checks itself when no hooks are installed
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace operation: "
-            f"{type(obj.tensor).__name__} of shape {list(obj.tensor.shape)} is at version {obj.tensor._version}; "
+            f"{type(obj.tensor).__name__} of shape {list(obj.tensor.shape)} is at version "
+            f"{version_counter(obj.tensor)}; "
             f"expected version {obj.version} instead (seen while counting saved activations)."
         )
     return obj.tensor
@@ -72,7 +75,7 @@ def storage_key(t: Tensor) -> tuple[Any, int]:
 
 def _is_parameter(t: Tensor) -> bool:
     # Linear saves `weight.t()`, a view: its `_base` is the Parameter itself.
-    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+    return isinstance(t, nn.Parameter) or isinstance(view_base(t), nn.Parameter)
 
 
 class SavedTensorTracker:

@@ -27,13 +27,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+
+from lit_partial._compat import is_running_stats_norm
 
 __all__ = [
     "freeze",
     "frozen_parameter_names",
+    "hold_eval",
     "hold_norm_statistics",
     "norm_layers",
+    "norm_parameter_ids",
     "set_requires_grad",
     "trainable_parameter_count",
     "unfreeze",
@@ -42,7 +45,28 @@ __all__ = [
 
 def norm_layers(module: nn.Module) -> list[nn.Module]:
     """The modules under (and including) ``module`` that keep running statistics (BatchNorm, InstanceNorm)."""
-    return [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    return [m for m in module.modules() if is_running_stats_norm(m)]
+
+
+def norm_parameter_ids(module: nn.Module) -> set[int]:
+    """Identities of the affine parameters of the running-statistics norm layers under ``module``.
+
+    What ``train_bn=True`` keeps trainable when freezing (Lightning ``BaseFinetuning``'s default).
+    """
+    return {id(p) for m in norm_layers(module) for p in m.parameters()}
+
+
+def hold_eval(modules: Iterable[nn.Module]) -> int:
+    """Put each of ``modules`` (itself, not its children) in eval mode; returns how many were in train mode.
+
+    Cheap enough for every step: it only flips ``training`` flags.
+    """
+    flipped = 0
+    for m in modules:
+        if m.training:
+            m.train(False)
+            flipped += 1
+    return flipped
 
 
 def set_requires_grad(params: Iterable[nn.Parameter], requires_grad: bool) -> int:
@@ -64,12 +88,7 @@ def hold_norm_statistics(module: nn.Module) -> int:
     Cheap enough to call every step: it only flips ``training`` flags. Lightning and user code call
     ``model.train()`` at epoch starts and after validation, which would otherwise resume updating them.
     """
-    flipped = 0
-    for m in norm_layers(module):
-        if m.training:
-            m.train(False)
-            flipped += 1
-    return flipped
+    return hold_eval(norm_layers(module))
 
 
 def freeze(module: nn.Module, train_bn: bool = False) -> list[nn.Parameter]:
@@ -89,7 +108,7 @@ def freeze(module: nn.Module, train_bn: bool = False) -> list[nn.Parameter]:
         >>> len(freeze(layer)), layer.weight.requires_grad, layer.weight.grad
         (2, False, None)
     """
-    keep = {id(p) for m in norm_layers(module) for p in m.parameters()} if train_bn else set()
+    keep = norm_parameter_ids(module) if train_bn else set()
     params = [p for p in module.parameters() if id(p) not in keep]
     set_requires_grad(params, False)
     if not train_bn:

@@ -1,7 +1,8 @@
 """Custom gradients: cut, scale, reverse or replace the gradient through a tensor, whole or per batch row.
 
 Every function leaves the forward value bit-identical and changes only what flows backward. They accept a
-tensor or a (nested) tuple, list or dict of tensors, so they apply to any module's output.
+tensor or any structure :mod:`lit_partial.tree` handles (tuples, lists, dicts, dataclasses, ...), so they
+apply to any module's output.
 
 Example:
     >>> import torch
@@ -24,6 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_partial.errors import ConfigurationError, UnsupportedStructureError
+from lit_partial.tree import first_tensor, leaves, map_tensors, rebuild
+
 __all__ = [
     "apply_to_tensors",
     "detach_if",
@@ -36,38 +40,17 @@ __all__ = [
 
 
 def apply_to_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every floating-point tensor in ``x`` (a tensor, or nested tuples/lists/dicts of them).
+    """Apply ``fn`` to every floating-point (or complex) tensor in ``x``; other leaves pass through unchanged.
 
-    Other leaves (integer tensors, ``None``, numbers) pass through unchanged; containers keep their type
-    (named tuples included).
+    Containers keep their type (see :func:`lit_partial.tree.map_tensors`).
     """
-    if isinstance(x, Tensor):
-        return fn(x) if x.is_floating_point() or x.is_complex() else x
-    if isinstance(x, dict):
-        return type(x)((k, apply_to_tensors(v, fn)) for k, v in x.items())
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuple: positional constructor
-        return type(x)(*(apply_to_tensors(v, fn) for v in x))
-    if isinstance(x, tuple | list):
-        return type(x)(apply_to_tensors(v, fn) for v in x)
-    return x
-
-
-def first_tensor(x: Any) -> Tensor | None:
-    """The first floating-point tensor in ``x`` in traversal order (what statistic conditions look at)."""
-    if isinstance(x, Tensor):
-        return x if x.is_floating_point() else None
-    values = x.values() if isinstance(x, dict) else x if isinstance(x, tuple | list) else ()
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
+    return map_tensors(x, lambda t: fn(t) if t.is_floating_point() or t.is_complex() else t)
 
 
 def _rows(mask: Tensor, x: Tensor) -> Tensor:
     # A (B,) mask broadcast over the remaining dims of a (B, ...) tensor.
     if x.dim() == 0 or x.shape[0] != mask.shape[0]:
-        raise ValueError(
+        raise ConfigurationError(
             f"a per-sample mask of {mask.shape[0]} rows cannot apply to a tensor of shape {tuple(x.shape)}; "
             "per-sample rules need outputs whose first dimension is the batch."
         )
@@ -112,7 +95,7 @@ def scale_grad(x: Any, scale: float | Tensor) -> Any:
     """
     if not isinstance(scale, Tensor):
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise ValueError(f"`scale` must be a finite number or a (B,) tensor, got {scale!r}.")
+            raise ConfigurationError(f"`scale` must be a finite number or a (B,) tensor, got {scale!r}.")
         if scale == 1:
             return x
     return apply_to_tensors(x, lambda t: _ScaleGrad.apply(t, scale) if t.requires_grad else t)
@@ -148,7 +131,7 @@ def detach_if(x: Any, cond: bool | Tensor) -> Any:
     """
     if isinstance(cond, Tensor):
         if cond.dim() != 1 or cond.dtype != torch.bool:
-            raise ValueError(
+            raise ConfigurationError(
                 f"`cond` must be a bool or a 1-D bool tensor (one entry per batch row), got a {cond.dtype} tensor "
                 f"of shape {tuple(cond.shape)}."
             )
@@ -192,12 +175,14 @@ def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
         [[0.0, 1.0, 0.0]]
     """
     if hard.shape != soft.shape:
-        raise ValueError(
+        raise ConfigurationError(
             f"straight_through needs `hard` and `soft` of the same shape, got {tuple(hard.shape)} and "
             f"{tuple(soft.shape)}; broadcast or reshape `hard` first."
         )
     if not soft.is_floating_point():
-        raise ValueError(f"`soft` must be a floating-point tensor (it receives the gradient), got {soft.dtype}.")
+        raise ConfigurationError(
+            f"`soft` must be a floating-point tensor (it receives the gradient), got {soft.dtype}."
+        )
     return _StraightThrough.apply(hard.detach(), soft)
 
 
@@ -205,19 +190,22 @@ def skip_rows(x: Any, out: Any, mask: Tensor) -> Any:
     """Per-sample skip of a residual-style module: rows where ``mask`` is True take ``x``, the others ``out``.
 
     ``x`` and ``out`` are the module's input and output with the same structure and shapes (tensors, or
-    tuples/lists/dicts of them). Skipped rows get no gradient through the module.
+    any structure of them, matched leaf by leaf in traversal order). Skipped rows get no gradient through
+    the module.
+
+    Raises:
+        UnsupportedStructureError: If ``x`` and ``out`` hold different numbers of tensors.
 
     Example:
         >>> skip_rows(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([True, False]))
         tensor([[0., 0.],
                 [1., 1.]])
     """
-    if isinstance(x, Tensor):
-        return torch.where(_rows(mask, out), x, out) if out.is_floating_point() else out
-    if isinstance(x, dict):
-        return type(out)((k, skip_rows(x[k], v, mask)) for k, v in out.items())
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(out)(*(skip_rows(a, b, mask) for a, b in zip(x, out, strict=True)))
-    if isinstance(x, tuple | list):
-        return type(out)(skip_rows(a, b, mask) for a, b in zip(x, out, strict=True))
-    return out
+    ins, outs = leaves(x), leaves(out)
+    if len(ins) != len(outs):
+        raise UnsupportedStructureError(
+            f"skip_rows needs an output with the input's structure; the input holds {len(ins)} tensors, the output "
+            f"{len(outs)}."
+        )
+    mixed = [torch.where(_rows(mask, o), i, o) if o.is_floating_point() else o for i, o in zip(ins, outs, strict=True)]
+    return rebuild(out, mixed)

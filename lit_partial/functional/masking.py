@@ -48,6 +48,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lit_partial._compat import foreach_mul_, version_counter
+from lit_partial.errors import UsageError
+
 __all__ = [
     "MaskGuardHandle",
     "count_masked",
@@ -97,7 +100,7 @@ def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
         if grad is None:
             continue
         if grad.is_sparse:
-            raise TypeError(
+            raise UsageError(
                 "mask_gradients got a sparse gradient; masks need dense gradients. "
                 "Fix: build the embedding with sparse=False."
             )
@@ -106,7 +109,7 @@ def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
     if grads:
         with torch.no_grad():
             # One C++ call for all tensors (a fused kernel where dtypes and shapes allow it).
-            torch._foreach_mul_(grads, keeps)
+            foreach_mul_(grads, keeps)
 
 
 def snapshot_masked(
@@ -248,10 +251,10 @@ class _Slot:
         buf = self.buffer
         if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
             self.buffer, self.stamp = torch.empty_like(param), None
-        if not reuse or self.stamp != (param._version, param.data_ptr()):
+        if not reuse or self.stamp != (version_counter(param), param.data_ptr()):
             _snapshot_into(param, self.frozen, self.buffer)  # type: ignore[arg-type]
 
     def put_back(self, param: Tensor) -> None:
         bits = _bits(param)
         torch.addcmul(_bits(self.buffer), bits, _as_01(self.mask), out=bits)  # type: ignore[arg-type]
-        self.stamp = (param._version, param.data_ptr())
+        self.stamp = (version_counter(param), param.data_ptr())

@@ -7,8 +7,9 @@ Pure tensor functions behind :class:`lit_partial.SelectiveBackprop`, usable in a
 * :func:`select_probability` keeps each sample with probability ``CDF(loss) ** beta``, the CDF taken over a
   history of recent losses and ``beta = 1 / keep - 1`` so that about ``keep`` of the samples are kept
   (Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers");
-* :func:`slice_batch` / :func:`concat_batches` / :func:`batch_size_of` handle tensors, tuples, lists,
-  named tuples, dicts and any nesting of them, sliced along the first dimension;
+* :func:`slice_batch` / :func:`concat_batches` / :func:`batch_size_of` handle every structure
+  :mod:`lit_partial.tree` does (tensors, tuples, named tuples, lists, dicts, ``BatchEncoding``,
+  dataclasses, nested in any way), sliced along the first dimension;
 * :class:`SamplePool` holds selected samples so every step gets the same number of them.
 
 Example:
@@ -25,13 +26,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_partial.errors import UnsupportedBatchError
+from lit_partial.errors import ConfigurationError, UnsupportedBatchError
+from lit_partial.tree import leaves, map_tensors, rebuild
 
 __all__ = [
     "SamplePool",
@@ -49,12 +51,12 @@ __all__ = [
     "update_history",
 ]
 
-_SUPPORTED = "a Tensor, tuple, list, named tuple or dict (nested in any combination)"
-
 
 def _check_keep(keep: float) -> None:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"`keep` must be a fraction in (0, 1], got {keep!r}; e.g. keep=0.5 keeps half of each batch.")
+        raise ConfigurationError(
+            f"`keep` must be a fraction in (0, 1], got {keep!r}; e.g. keep=0.5 keeps half of each batch."
+        )
 
 
 def num_kept(batch_size: int, keep: float) -> int:
@@ -71,7 +73,7 @@ def num_kept(batch_size: int, keep: float) -> int:
 def _check_losses(losses: Tensor) -> None:
     if not isinstance(losses, Tensor) or losses.dim() != 1:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(f"`losses` must be a 1-D tensor of per-sample losses, got {shape}.")
+        raise ConfigurationError(f"`losses` must be a 1-D tensor of per-sample losses, got {shape}.")
 
 
 def select_topk(losses: Tensor, keep: float) -> Tensor:
@@ -122,7 +124,7 @@ def update_history(history: Tensor | None, losses: Tensor, size: int) -> Tensor:
         tensor([2., 3., 4.])
     """
     if size < 1:
-        raise ValueError(f"`size` must be a positive integer, got {size!r}.")
+        raise ConfigurationError(f"`size` must be a positive integer, got {size!r}.")
     losses = losses.detach().float().reshape(-1)
     merged = losses if history is None or history.numel() == 0 else torch.cat([history.to(losses.device), losses])
     return merged[-size:].clone()
@@ -137,7 +139,7 @@ def selection_probabilities(losses: Tensor, history: Tensor, beta: float) -> Ten
     """
     _check_losses(losses)
     if history.numel() == 0:
-        raise ValueError("`history` is empty; include the current losses (see update_history) before scoring.")
+        raise ConfigurationError("`history` is empty; include the current losses (see update_history) before scoring.")
     ordered = torch.sort(history.detach().float().reshape(-1)).values
     cdf = torch.searchsorted(ordered, losses.detach().float(), right=True).float() / ordered.numel()
     return cdf.pow(beta)
@@ -162,26 +164,8 @@ def select_probability(losses: Tensor, history: Tensor, keep: float, generator: 
     return torch.nonzero(draws < probs).reshape(-1)
 
 
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(obj, "_fields")
-
-
-def _unsupported(obj: Any, where: str) -> UnsupportedBatchError:
-    return UnsupportedBatchError(
-        f"cannot slice a batch element of type {type(obj).__module__}.{type(obj).__qualname__} at {where}; "
-        f"SelectiveBackprop supports {_SUPPORTED}. Fix: convert it to tensors in the dataset or collate_fn, or move "
-        "it out of the batch."
-    )
-
-
-def _leaves(batch: Any, where: str = "batch") -> list[tuple[str, Tensor]]:
-    if isinstance(batch, Tensor):
-        return [(where, batch)]
-    if isinstance(batch, Mapping):
-        return [leaf for key, value in batch.items() for leaf in _leaves(value, f"{where}[{key!r}]")]
-    if isinstance(batch, (tuple, list)):
-        return [leaf for i, value in enumerate(batch) for leaf in _leaves(value, f"{where}[{i}]")]
-    raise _unsupported(batch, where)
+def _tensors(batch: Any) -> list[Tensor]:
+    return leaves(batch, plain="error", what="batch", error=UnsupportedBatchError)
 
 
 def batch_size_of(batch: Any) -> int:
@@ -195,20 +179,21 @@ def batch_size_of(batch: Any) -> int:
         >>> batch_size_of((torch.zeros(4, 3), {"y": torch.zeros(4)}))
         4
     """
-    leaves = _leaves(batch)
-    if not leaves:
-        raise ValueError("the batch holds no tensor; SelectiveBackprop needs tensors with a batch dimension.")
-    sizes = {}
-    for where, tensor in leaves:
-        if tensor.dim() == 0:
-            raise ValueError(f"{where} is a 0-d tensor; every tensor in the batch needs a first (batch) dimension.")
-        sizes[where] = tensor.shape[0]
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"tensors in the batch disagree on the first (batch) dimension: {sizes}. Fix: give every tensor the "
-            "batch dimension first."
+    tensors = _tensors(batch)
+    if not tensors:
+        raise ConfigurationError("the batch holds no tensor; SelectiveBackprop needs tensors with a batch dimension.")
+    if any(t.dim() == 0 for t in tensors):
+        raise ConfigurationError(
+            "the batch holds a 0-d tensor; every tensor in the batch needs a first (batch) dimension."
         )
-    return next(iter(sizes.values()))
+    sizes = [t.shape[0] for t in tensors]
+    if len(set(sizes)) > 1:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ConfigurationError(
+            f"tensors in the batch disagree on the first (batch) dimension: shapes {shapes} in traversal order. Fix: "
+            "give every tensor the batch dimension first."
+        )
+    return sizes[0]
 
 
 def slice_batch(batch: Any, index: Tensor) -> Any:
@@ -219,54 +204,33 @@ def slice_batch(batch: Any, index: Tensor) -> Any:
         >>> x.tolist(), y.tolist()
         ([[4, 5]], [2])
     """
-    return _map_batch(batch, lambda t: t.index_select(0, index.to(t.device)), "batch")
-
-
-def _map_batch(batch: Any, fn: Any, where: str) -> Any:
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        items = {key: _map_batch(value, fn, f"{where}[{key!r}]") for key, value in batch.items()}
-        return items if type(batch) is dict else type(batch)(items)  # type: ignore[call-arg]
-    if _is_namedtuple(batch):
-        return type(batch)(*(_map_batch(v, fn, f"{where}[{i}]") for i, v in enumerate(batch)))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_map_batch(v, fn, f"{where}[{i}]") for i, v in enumerate(batch))
-    raise _unsupported(batch, where)
+    return map_tensors(
+        batch, lambda t: t.index_select(0, index.to(t.device)), plain="error", what="batch", error=UnsupportedBatchError
+    )
 
 
 def concat_batches(batches: Sequence[Any]) -> Any:
     """Concatenate batches of the same structure along the first dimension.
 
     Raises:
-        ValueError: If the structures differ (naming where).
+        ValueError: If the structures differ.
 
     Example:
         >>> concat_batches([{"y": torch.tensor([1])}, {"y": torch.tensor([2, 3])}])["y"]
         tensor([1, 2, 3])
     """
     if not batches:
-        raise ValueError("`batches` is empty; nothing to concatenate.")
-    return _concat(list(batches), "batch")
-
-
-def _concat(parts: list[Any], where: str) -> Any:
-    first = parts[0]
-    if isinstance(first, Tensor):
-        if not all(isinstance(p, Tensor) for p in parts):
-            raise ValueError(f"cannot concatenate {where}: a tensor in one batch is not a tensor in another.")
-        return torch.cat([p.to(parts[-1].device) for p in parts])
-    if isinstance(first, Mapping):
-        if any(not isinstance(p, Mapping) or list(p) != list(first) for p in parts):
-            raise ValueError(f"cannot concatenate {where}: the batches have different keys.")
-        items = {k: _concat([p[k] for p in parts], f"{where}[{k!r}]") for k in first}
-        return items if type(first) is dict else type(first)(items)  # type: ignore[call-arg]
-    if isinstance(first, (tuple, list)):
-        if any(not isinstance(p, (tuple, list)) or len(p) != len(first) for p in parts):
-            raise ValueError(f"cannot concatenate {where}: the batches have different lengths.")
-        values = [_concat([p[i] for p in parts], f"{where}[{i}]") for i in range(len(first))]
-        return type(first)(*values) if _is_namedtuple(first) else type(first)(values)
-    raise _unsupported(first, where)
+        raise ConfigurationError("`batches` is empty; nothing to concatenate.")
+    shapes = [
+        map_tensors(b, lambda t: "tensor", plain="error", what="batch", error=UnsupportedBatchError) for b in batches
+    ]
+    if any(shape != shapes[0] for shape in shapes[1:]):
+        raise ConfigurationError(
+            "cannot concatenate batches of different structure (different keys, lengths or container types): "
+            f"{shapes[0]!r:.100} vs {next(s for s in shapes if s != shapes[0])!r:.100}."
+        )
+    columns = zip(*(_tensors(b) for b in batches), strict=True)
+    return rebuild(batches[0], [torch.cat([t.to(ts[-1].device) for t in ts]) for ts in columns])
 
 
 class SamplePool:
@@ -288,7 +252,7 @@ class SamplePool:
 
     def __init__(self, capacity: int) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"`capacity` must be a positive integer, got {capacity!r}.")
+            raise ConfigurationError(f"`capacity` must be a positive integer, got {capacity!r}.")
         self.capacity = capacity
         self.batch: Any = None
         self.losses: Tensor | None = None
@@ -310,7 +274,7 @@ class SamplePool:
     def take(self, n: int) -> tuple[Any, Tensor]:
         """Remove and return the ``n`` oldest samples and their losses, then drop the oldest beyond capacity."""
         if not 0 < n <= len(self):
-            raise ValueError(f"cannot take {n} samples from a pool of {len(self)}.")
+            raise ConfigurationError(f"cannot take {n} samples from a pool of {len(self)}.")
         assert self.losses is not None
         total = len(self)
         head = torch.arange(n, device=self.losses.device)

@@ -153,17 +153,38 @@ class Pair(nn.Module):
         return (x, {"twice": 2 * x, "index": torch.tensor([1])})
 
 
-def test_tuple_and_dict_outputs_are_detached() -> None:
-    model = nn.Sequential(nn.Linear(2, 2), Pair())
-    detach = ConditionalDetach({"1": "always"})
-    detach._attach(model)
-    detach._ctx = StepContext()
-    a, rest = model(torch.ones(1, 2))
-    assert not a.requires_grad and not rest["twice"].requires_grad and rest["index"].tolist() == [1]
-    detach._ctx = None  # outside a training step nothing is detached
-    assert model(torch.ones(1, 2))[0].requires_grad
-    detach.teardown(None, model, "fit")  # type: ignore[arg-type]
-    assert not model[1]._forward_hooks
+class PairNet(L.LightningModule):
+    """Records whether the Pair's outputs require grad inside a training step and between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 2), Pair())
+        self.seen: dict[str, list[bool]] = {"step": [], "between": []}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        a, rest = self.net(batch[0])
+        assert rest["index"].tolist() == [1]
+        self.seen["step"] += [a.requires_grad, rest["twice"].requires_grad]
+        return self.net[0].weight.sum() + a.sum()
+
+    def on_train_epoch_end(self) -> None:  # outside a training step: nothing is detached
+        a, rest = self.net(torch.ones(1, 2))
+        self.seen["between"] += [a.requires_grad, rest["twice"].requires_grad]
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 2)), batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_tuple_and_dict_outputs_are_detached_only_in_training_steps_and_teardown_restores() -> None:
+    model = PairNet()
+    quiet_trainer(max_epochs=1, callbacks=[ConditionalDetach({"net.1": "always"})]).fit(model)
+    assert model.seen == {"step": [False, False, False, False], "between": [True, True]}
+    assert not model.net[1]._forward_hooks
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not any(key.startswith("_lit_partial") for m in model.modules() for key in m.__dict__)
 
 
 def test_validation_never_detaches_logging_and_teardown() -> None:
@@ -176,7 +197,7 @@ def test_validation_never_detaches_logging_and_teardown() -> None:
     assert detach.totals["features"] == [1.0, 8.0]
     assert trainer.callback_metrics["conditional_detach/stem"].item() == 0.5
     assert trainer.callback_metrics["conditional_detach/features"].item() == 0.0  # epoch 1: never
-    assert not model.stem._forward_hooks and not any(model._lit_partial_state.gates.values())
+    assert not model.stem._forward_hooks and model.gate("features", model.stem.weight) is model.stem.weight
 
 
 def test_resume_with_random_rules_is_exact(tmp_path: Path) -> None:
@@ -261,12 +282,17 @@ def test_one_module_in_two_rules_is_an_error() -> None:
 
 
 def test_ddp_options_are_adjusted_once_and_static_graph_refused() -> None:
-    kwargs: dict[str, Any] = {}
-    trainer = SimpleNamespace(strategy=SimpleNamespace(_ddp_kwargs=kwargs))
-    assert allow_unused_parameters(trainer, "X", "why") and kwargs == {"find_unused_parameters": True}
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from lit_partial._compat import ddp_kwargs
+
+    trainer = SimpleNamespace(strategy=DDPStrategy())
+    assert allow_unused_parameters(trainer, "X", "why")
+    assert ddp_kwargs(trainer.strategy) == {"find_unused_parameters": True}
     assert not allow_unused_parameters(trainer, "X", "why")  # already allowed: nothing to change
-    assert not allow_unused_parameters(SimpleNamespace(strategy=object()), "X", "why")  # not DDP
-    static = SimpleNamespace(strategy=SimpleNamespace(_ddp_kwargs={"static_graph": True}))
+    single = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")))
+    assert not allow_unused_parameters(single, "X", "why")  # not DDP
+    static = SimpleNamespace(strategy=DDPStrategy(static_graph=True))
     with pytest.raises(RuntimeError, match=r"static_graph=True.*Fix: drop static_graph=True"):
         allow_unused_parameters(static, "X", "why")
 

@@ -38,17 +38,34 @@ def test_skipped_blocks_equal_a_model_without_them() -> None:
     assert_states_bitwise_equal(model.state_dict(), ref.state_dict())
 
 
-def test_skip_only_in_training_steps() -> None:
-    model = TinyNet()
-    skip = ConditionalSkip({"blocks.*": "always"})
-    skip._attach(model)
-    x = torch.randn(3, 4)
-    full = model.head(model.blocks(model.stem(x)))
-    assert torch.equal(model(x), full)  # no training step running: validation, test, predict, plain calls
-    skip._ctx = StepContext()
-    assert torch.equal(model(x), model.head(model.stem(x)))
-    skip.teardown(None, model, "fit")  # type: ignore[arg-type]
-    assert "forward" not in model.blocks[0].__dict__
+class SkipProbe(TinyNet):
+    """Checks in every training step that the blocks are skipped, and between steps that they run."""
+
+    checks: list[str]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0]
+        with torch.no_grad():
+            plain = self.head(self.stem(x))
+        assert torch.equal(self(x), plain)
+        self.checks = [*getattr(self, "checks", []), "skipped"]
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:  # no training step running: validation, test, predict, plain calls
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            assert torch.equal(self(x), self.head(self.blocks(self.stem(x))))
+        self.checks = [*self.checks, "ran"]
+
+
+def test_skip_only_in_training_steps_and_teardown_restores_forward() -> None:
+    torch.manual_seed(0)
+    model = SkipProbe()
+    quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[ConditionalSkip({"blocks.*": "always"})]).fit(
+        model, tiny_loader()
+    )
+    assert model.checks == ["skipped", "skipped", "ran"]
+    assert all("forward" not in block.__dict__ for block in model.blocks)
 
 
 def test_validation_runs_every_block_and_logging() -> None:
@@ -127,13 +144,20 @@ class TwoInputs(nn.Module):
         return a + b
 
 
+class PairModel(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = TwoInputs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(self.pair(h, h))
+
+
 def test_module_with_two_inputs_cannot_be_skipped() -> None:
-    model = nn.Sequential()
-    model.add_module("pair", TwoInputs())
     skip = ConditionalSkip({"pair": "always"})
-    skip._attach(model)
     with pytest.raises(RuntimeError, match="'pair': it is called with 2 positional"):
-        model.pair(torch.ones(1), torch.ones(1))
+        quiet_trainer(max_steps=1, callbacks=[skip]).fit(PairModel(), tiny_loader())
 
 
 @pytest.mark.parametrize(

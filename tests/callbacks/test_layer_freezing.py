@@ -186,10 +186,10 @@ def test_unknown_selector_fails_before_the_first_step_with_close_names() -> None
 
 
 def test_unsupported_strategy_fails_in_setup() -> None:
-    class DeepSpeedStrategy:
-        strategy_name = "deepspeed"
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    trainer = SimpleNamespace(strategy=DeepSpeedStrategy())
+    # DeepSpeed is not installed here, so build the strategy object without its __init__ (only its class matters).
+    trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
     with pytest.raises(UnsupportedStrategyError, match="LayerFreezing does not support strategy 'deepspeed'"):
         LayerFreezing(frozen="backbone").setup(trainer, Net(), "fit")  # type: ignore[arg-type]
 

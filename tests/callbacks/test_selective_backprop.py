@@ -175,11 +175,11 @@ def test_two_instances_have_distinct_state_keys() -> None:
 
 
 def test_hook_removed_at_teardown() -> None:
-    from lit_partial.module import partial_state
-
     model = Ordered()
     fit(model, SelectiveBackprop(keep=0.5), steps=1)
-    assert not partial_state(model).batch_transforms
+    batch = [torch.arange(4.0)]
+    assert model.on_after_batch_transfer(batch, 0) is batch  # no transform left: batches pass untouched
+    assert not any(key.startswith("_lit_partial") for key in model.__dict__)
 
 
 @pytest.mark.parametrize(

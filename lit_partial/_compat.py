@@ -1,0 +1,122 @@
+"""Every private Lightning / torch name lit_partial relies on, in one place.
+
+Each accessor below wraps exactly one private name and says why no public API does the job. Each has a
+test in ``tests/test_compat.py`` that fails loudly, naming the attribute and the installed version, when
+an upgrade removes or changes it; everything else in lit_partial uses public APIs only.
+
+Example:
+    >>> import torch
+    >>> t = torch.zeros(2)
+    >>> before = version_counter(t)
+    >>> _ = t.add_(1)
+    >>> version_counter(t) == before + 1
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = [
+    "DDP_IGNORE_ATTR",
+    "ddp_ignored_names",
+    "ddp_kwargs",
+    "foreach_mul_",
+    "is_running_stats_norm",
+    "non_finite_check_and_unscale_",
+    "scaler_found_inf_per_device",
+    "set_ddp_ignored_names",
+    "version_counter",
+    "view_base",
+]
+
+#: ``DistributedDataParallel`` skips the parameters and buffers named in this module attribute when it wraps
+#: the module (torch has no public way to exclude parameters; ``_set_params_and_buffers_to_ignore_for_model``
+#: is private too and only sets this attribute).
+DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+
+
+def version_counter(t: Tensor) -> int:
+    """``t._version``: bumped by every in-place write. No public API tells whether a tensor was modified."""
+    return int(t._version)
+
+
+def view_base(t: Tensor) -> Tensor | None:
+    """``t._base``: the tensor ``t`` is a view of, or None. Public ``is_view`` exists only on some subclasses."""
+    base = t._base
+    return base if isinstance(base, Tensor) else None
+
+
+def is_running_stats_norm(module: nn.Module) -> bool:
+    """A BatchNorm / InstanceNorm (any dimensionality, lazy and sync variants) that tracks running statistics.
+
+    ``_NormBase`` is their only common base class; listing the public classes would miss subclasses.
+    """
+    return isinstance(module, _NormBase) and bool(module.track_running_stats)
+
+
+def foreach_mul_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``torch._foreach_mul_``: one C++ call (fused where shapes allow) instead of one Python call per tensor."""
+    torch._foreach_mul_(list(tensors), list(others))
+
+
+def non_finite_check_and_unscale_(grads: Sequence[Tensor], found_inf: Tensor, inv_scale: Tensor) -> None:
+    """``torch._amp_foreach_non_finite_check_and_unscale_``: GradScaler's own inf/NaN check, reused as is."""
+    torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found_inf, inv_scale)
+
+
+def scaler_found_inf_per_device(scaler: Any, optimizer: torch.optim.Optimizer) -> dict[torch.device, Tensor]:
+    """GradScaler's per-device inf flags for ``optimizer`` (``_per_optimizer_states``), or ``{}`` when not unscaled.
+
+    GradScaler exposes no public way to correct its verdict after gradients were masked.
+
+    Raises:
+        RuntimeError: If the installed torch's GradScaler no longer has the expected structure (naming it), so a
+            silent skip of the correction cannot happen.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        raise RuntimeError(
+            f"torch {torch.__version__}: GradScaler has no `_per_optimizer_states` dict; lit_partial's masked-gradient "
+            "overflow check needs updating for this torch version (lit_partial/_compat.py)."
+        )
+    state = states.get(id(optimizer), {})
+    found = state.get("found_inf_per_device", {}) if isinstance(state, dict) else {}
+    return dict(found)
+
+
+def ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The options Lightning's ``DDPStrategy`` passes to ``DistributedDataParallel`` (``_ddp_kwargs``), mutable.
+
+    Lightning has no public setter; they must change before the model is wrapped (``Callback.setup``).
+
+    Raises:
+        RuntimeError: If ``strategy`` lacks the attribute (a Lightning upgrade renamed it), naming the version.
+    """
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if not isinstance(kwargs, dict):
+        import lightning
+
+        raise RuntimeError(
+            f"lightning {lightning.__version__}: {type(strategy).__name__} has no `_ddp_kwargs` dict; lit_partial "
+            "cannot set DDP options before the wrap. lit_partial/_compat.py needs updating for this version."
+        )
+    return kwargs
+
+
+def ddp_ignored_names(module: nn.Module) -> list[str]:
+    """Names DDP will skip when it wraps ``module`` (see :data:`DDP_IGNORE_ATTR`)."""
+    return list(getattr(module, DDP_IGNORE_ATTR, []))
+
+
+def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
+    """Set (or, for an empty list, remove) the names DDP skips when it wraps ``module``."""
+    if names:
+        setattr(module, DDP_IGNORE_ATTR, list(names))
+    elif DDP_IGNORE_ATTR in module.__dict__:
+        delattr(module, DDP_IGNORE_ATTR)

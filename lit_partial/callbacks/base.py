@@ -1,0 +1,235 @@
+"""``Technique``: the public base every lit_partial callback builds on.
+
+A technique is a Lightning callback that changes what takes part in backpropagation. The base owns what
+every technique needs and none should write again:
+
+* **Stage guard and strategy check.** :meth:`Technique.setup` acts for ``fit`` only and refuses, before
+  anything runs, a strategy outside :attr:`Technique.supported_strategies` (families from
+  :func:`lit_partial.distributed.strategy_family`), naming it and the fix. Then it calls :meth:`attach`.
+* **Handles.** Everything :meth:`attach` puts on the model (forward hooks, forward wrappers, gates, batch
+  transforms, optimizer hooks) goes into :attr:`Technique.handles`; ``teardown`` and ``on_exception`` remove
+  it last-first, so after ``fit`` (or a failed ``fit``) every module is exactly as it was.
+* **Resume.** :meth:`state_dict` stores :meth:`config` (the plain-data configuration the state depends on)
+  beside :meth:`technique_state`. On resume, a checkpoint holding the state of a technique this run does not
+  have (removed, or configured differently: ``state_key`` is built from the configuration, as in Lightning's
+  own callbacks) is refused with a :class:`~lit_partial.errors.CheckpointMismatchError` naming what changed,
+  and so is a saved configuration that differs under the same key. ``accept_config_change=True`` discards the
+  old state instead, with a warning, and applies the new configuration from the resumed step.
+* **Reporting.** :meth:`run_summary` says what the technique did over the run, in a few lines.
+
+See ``docs/adding_a_technique.md`` for a worked example.
+
+Example:
+    >>> class CountSteps(Technique):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.steps = 0
+    ...     def config(self):
+    ...         return {}
+    ...     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    ...         self.steps += 1
+    ...     def technique_state(self):
+    ...         return {"steps": self.steps}
+    ...     def load_technique_state(self, state):
+    ...         self.steps = state["steps"]
+    >>> cb = CountSteps()
+    >>> cb.state_key, sorted(cb.state_dict())
+    ('CountSteps', ['lit_partial', 'steps'])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lit_partial.attach import Handles
+from lit_partial.distributed import DEFAULT_FAMILIES, check_supported_strategy
+from lit_partial.errors import CheckpointMismatchError, ConfigurationError
+
+__all__ = ["Technique", "check_checkpoint_techniques"]
+
+_MARK = "lit_partial"  # key of the technique record inside each technique's saved state
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able plain data (tuples -> lists, unknown objects -> their repr), for exact comparison."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+class Technique(Callback):
+    """Base class of lit_partial callbacks: stage guard, strategy check, handles, resume checks, reporting.
+
+    Subclasses implement :meth:`config` and usually :meth:`attach`; stateful ones :meth:`technique_state` and
+    :meth:`load_technique_state`. They call ``super().__init__(accept_config_change=...)``.
+
+    Args:
+        accept_config_change: Resume from a checkpoint made with a different configuration of this technique
+            (or holding another instance of its class that this run lacks): the saved state is discarded with
+            a warning and this configuration applies from the resumed step. Default: such a resume is an error.
+    """
+
+    #: Strategy families (see :func:`lit_partial.distributed.strategy_family`) this technique is correct under.
+    supported_strategies: ClassVar[tuple[str, ...]] = DEFAULT_FAMILIES
+
+    def __init__(self, *, accept_config_change: bool = False) -> None:
+        if not isinstance(accept_config_change, bool):
+            raise ConfigurationError(f"`accept_config_change` must be True or False, got {accept_config_change!r}.")
+        self.accept_config_change = accept_config_change
+        #: What :meth:`attach` attached; removed last-first at teardown and on exceptions.
+        self.handles = Handles()
+        self._model: nn.Module | None = None
+
+    # ---------------------------------------------------------------- what subclasses provide
+    def config(self) -> dict[str, Any]:
+        """The configuration the saved state depends on, as plain data (compared on resume)."""
+        raise NotImplementedError(f"{type(self).__name__}.config() must return its configuration as plain data.")
+
+    def identity(self) -> dict[str, Any]:
+        """What tells two instances of this technique apart in one trainer; ``state_key`` is built from it.
+
+        By default the whole :meth:`config`, as Lightning's own callbacks do: two instances with different
+        configurations coexist, and a checkpoint made with another configuration is found to hold an
+        unclaimed state, which resuming refuses naming both configurations.
+        """
+        return self.config()
+
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resolve selectors against ``pl_module`` and attach hooks; put every handle in :attr:`handles`."""
+
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        """Extra cleanup beyond :attr:`handles` (called after they are removed, at teardown or on exception)."""
+
+    def technique_state(self) -> dict[str, Any]:
+        """What this technique must save to resume exactly, keyed by names (never objects)."""
+        return {}
+
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`technique_state` returned (read optional keys with ``.get``)."""
+
+    def run_summary(self) -> list[str]:
+        """What the technique did over the run, as a few human-readable lines (for logs and reports)."""
+        return []
+
+    # ---------------------------------------------------------------- the contract
+    @property
+    def model(self) -> nn.Module | None:
+        """The LightningModule this technique is attached to (between ``setup`` and ``teardown``), else None."""
+        return self._model
+
+    @property
+    @override
+    def state_key(self) -> str:
+        identity = self.identity()
+        return type(self).__qualname__ + (repr(_plain(identity)) if identity else "")
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_supported_strategy(trainer, type(self).__name__, self.supported_strategies)
+        self._unwind(trainer, pl_module)  # a second fit() with the same callback starts clean
+        self._model = pl_module
+        self.attach(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._unwind(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook after an exception: unwind here so a failed fit leaves the model clean.
+        self._unwind(trainer, pl_module)
+
+    def _unwind(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        self.handles.remove()
+        self.detach(trainer, pl_module)
+        self._model = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            _MARK: {"technique": type(self).__qualname__, "config": _plain(self.config())},
+            **self.technique_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        record = state_dict.get(_MARK)
+        if isinstance(record, Mapping):  # checkpoints from before the record existed load unchecked
+            changes = _differences(record.get("config", {}), _plain(self.config()))
+            if changes:
+                if not self.accept_config_change:
+                    raise CheckpointMismatchError(
+                        f"{self.state_key}: the checkpoint was made with a different configuration ({changes}). "
+                        f"Fix: resume with the configuration the checkpoint was made with, or pass "
+                        f"accept_config_change=True to {type(self).__name__} to discard its saved state and apply "
+                        "the new configuration from the resumed step."
+                    )
+                rank_zero_warn(
+                    f"{self.state_key}: configuration changed since the checkpoint ({changes}); its saved "
+                    "state is discarded (accept_config_change=True)."
+                )
+                return
+        self.load_technique_state({k: v for k, v in state_dict.items() if k != _MARK})
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
+        if techniques and techniques[0] is self:  # one check per resume is enough
+            check_checkpoint_techniques(checkpoint, techniques)
+
+
+def _differences(saved: Any, current: Any) -> str:
+    """A short description of how two configurations differ ('' if they do not)."""
+    if saved == current:
+        return ""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        parts = [
+            f"{key}: {json.dumps(saved.get(key))} -> {json.dumps(current.get(key))}"
+            for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key)
+        ]
+        return "; ".join(parts)
+    return f"{json.dumps(saved)} -> {json.dumps(current)}"
+
+
+def check_checkpoint_techniques(checkpoint: Mapping[str, Any], techniques: list[Technique]) -> None:
+    """Refuse a checkpoint that holds the state of a technique none of ``techniques`` takes back.
+
+    Called on resume by the first :class:`Technique` of the trainer and, when there is none, by
+    :class:`~lit_partial.PartialBackpropMixin`. A technique of the same class with ``accept_config_change=True``
+    accepts the loss of the old state.
+
+    Raises:
+        CheckpointMismatchError: Naming the orphaned state, its configuration and the fix.
+    """
+    states = checkpoint.get("callbacks") or {}
+    claimed = {t.state_key for t in techniques}
+    for key, state in states.items():
+        record = state.get(_MARK) if isinstance(state, Mapping) else None
+        if not isinstance(record, Mapping) or key in claimed:
+            continue
+        kind = str(record.get("technique", "a technique"))
+        same = [t for t in techniques if type(t).__qualname__ == kind]
+        if any(t.accept_config_change for t in same):
+            rank_zero_warn(f"lit_partial: the checkpoint's state of {key} is not resumed (accept_config_change=True).")
+            continue
+        if len(same) == 1:
+            changes = _differences(record.get("config"), _plain(same[0].config()))
+            now = f" This run has {kind} with a different configuration ({changes})."
+        else:
+            now = f" This run has {', '.join(t.state_key for t in same)} instead." if same else ""
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the state of {key} (configuration {json.dumps(record.get('config'))}), which this "
+            f"run does not have.{now} Fix: resume with the callbacks the checkpoint was made with; to change them on "
+            f"purpose, pass accept_config_change=True to the new {kind}, or start a new run from the weights alone "
+            "(load them, and do not pass ckpt_path)."
+        )
