@@ -175,7 +175,8 @@ class GradientMasking(Technique):
             if total:
                 lines.append(
                     f"GradientMasking {selector}: {frozen:,} of {total:,} elements masked "
-                    f"({100.0 * frozen / total:.1f}%) in {len(group)} tensors, {'strict' if self.strict else 'gradients only'}"
+                    f"({100.0 * frozen / total:.1f}%) in {len(group)} tensors, "
+                    + ("strict" if self.strict else "gradients only")
                 )
         return lines
 
