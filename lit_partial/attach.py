@@ -148,11 +148,12 @@ def wrap_forward(module: nn.Module, wrapper: ForwardWrapper, *, outer: bool = Fa
     Returns:
         A :class:`Handle` removing this wrapper.
     """
-    dispatcher = module.__dict__.get("forward")
-    chain: list[tuple[bool, int, ForwardWrapper]] | None = getattr(dispatcher, _CHAIN_ATTR, None)
-    if chain is None:
+    current = module.__dict__.get("forward")
+    chain: list[tuple[bool, int, ForwardWrapper]] | None = getattr(current, _CHAIN_ATTR, None)
+    if current is None or chain is None:
         chain = []
-        dispatcher = _install_dispatcher(module, chain)
+        current = _install_dispatcher(module, chain)
+    dispatcher: Callable[..., Any] = current
     key = object()
     chain.append((outer, id(key), wrapper))
     chain.sort(key=lambda item: item[0])  # stable: inner wrappers first, each kind in registration order
@@ -173,7 +174,9 @@ def _install_dispatcher(module: nn.Module, chain: list[tuple[bool, int, ForwardW
 
     def base(*args: Any, **kwargs: Any) -> Any:
         # Resolved per call, so a forward patched on the class later is still honoured.
-        return own(*args, **kwargs) if had_own else type(module).forward(module, *args, **kwargs)
+        if had_own and own is not None:
+            return own(*args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         call: Callable[..., Any] = base
@@ -190,7 +193,7 @@ def _install_dispatcher(module: nn.Module, chain: list[tuple[bool, int, ForwardW
 def _uninstall_dispatcher(module: nn.Module, dispatcher: Callable[..., Any]) -> None:
     if module.__dict__.get("forward") is not dispatcher:  # someone replaced it since: leave theirs alone
         return
-    had_own, own = dispatcher.__lit_partial_restore__  # type: ignore[attr-defined]
+    had_own, own = getattr(dispatcher, "__lit_partial_restore__")  # noqa: B009 - set by _install_dispatcher
     if had_own:
         module.__dict__["forward"] = own
     else:

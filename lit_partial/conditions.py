@@ -199,7 +199,7 @@ class Probability(Condition):
 
 
 def _norm(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=dims)
+    return torch.linalg.vector_norm(x, dim=dims)  # type: ignore[no-any-return]  # torch stubs return Any
 
 
 STATISTICS: dict[str, Callable[[Tensor, tuple[int, ...] | None], Tensor]] = {
@@ -240,7 +240,7 @@ class Statistic(Condition):
         with torch.no_grad():
             dims = tuple(range(1, x.dim())) or None
             values = STATISTICS[self.stat](x.detach().float(), dims) if dims else x.detach().float()
-            return COMPARISONS[self.op](values, self.value)
+            return COMPARISONS[self.op](values, self.value)  # type: ignore[no-any-return]  # operator.* is untyped
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ _FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
     "every_n_steps": (
         {"every_n_steps", "offset"},
         lambda s: EveryNSteps(
-            _int(s, "every_n_steps", s["every_n_steps"], minimum=1), _int(s, "offset", s.get("offset", 0))
-        ),  # type: ignore[arg-type]
+            _int(s, "every_n_steps", s["every_n_steps"], minimum=1) or 1, _int(s, "offset", s.get("offset", 0)) or 0
+        ),
     ),
     "probability": ({"probability", "seed"}, _probability),
     "stat": ({"stat", "op", "value"}, _statistic),

@@ -7,6 +7,7 @@ here cover what has to be communicated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ def world_size() -> int:
 # --- gradients and parameters DDP does not know about (LayerFreezing) ---------------------------------------
 
 
-def all_reduce_gradients(params: list[torch.Tensor]) -> int:
+def all_reduce_gradients(params: Sequence[torch.Tensor]) -> int:
     """Average the gradients of ``params`` over all ranks in ONE coalesced all-reduce, as DDP would.
 
     For parameters DDP never registered (e.g. unfrozen after the model was wrapped). A parameter whose
@@ -131,7 +132,7 @@ def all_reduce_gradients(params: list[torch.Tensor]) -> int:
     return offset
 
 
-def broadcast_parameters(params: list[torch.Tensor], src: int = 0) -> None:
+def broadcast_parameters(params: Sequence[torch.Tensor], src: int = 0) -> None:
     """Copy ``params`` from rank ``src`` to every rank in one coalesced broadcast (no-op when not distributed).
 
     For parameters excluded from DDP (:func:`lit_partial._compat.set_ddp_ignored_names`), which DDP does not

@@ -53,7 +53,7 @@ warnings.filterwarnings(
 def attached_trainer(model: nn.Module) -> Any:
     """The Lightning ``Trainer`` ``model`` is attached to, or None (``LightningModule.trainer`` raises instead)."""
     try:
-        return model.trainer  # type: ignore[union-attr]
+        return model.trainer
     except (AttributeError, RuntimeError):
         return None
 

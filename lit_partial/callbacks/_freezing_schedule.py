@@ -99,7 +99,7 @@ def _entry(index: int, raw: Any) -> ScheduleEntry:
     unfreeze = tuple(as_selector_list(raw["unfreeze"], argument=f"{where}['unfreeze']")) if "unfreeze" in raw else ()
     freeze = tuple(as_selector_list(raw["freeze"], argument=f"{where}['freeze']")) if "freeze" in raw else ()
     lr_scale = raw.get("lr_scale", 1.0)
-    if isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real) or not lr_scale > 0:
+    if isinstance(lr_scale, bool) or not isinstance(lr_scale, numbers.Real) or not float(lr_scale) > 0:
         raise ConfigurationError(f"{where}['lr_scale'] is {lr_scale!r}; expected a positive number such as 0.1.")
     if "lr_scale" in raw and not unfreeze:
         raise ConfigurationError(

@@ -309,7 +309,7 @@ class DynamicGraphCallback(Technique):
         # Counts become floats only where they are read (fractions, logging, state_dict).
         hits, total = (decision.sum(), decision.numel()) if isinstance(decision, Tensor) else (float(decision), 1)
         for counts in (self.totals.setdefault(key, [0.0, 0.0]), self.epoch_counts.setdefault(key, [0.0, 0.0])):
-            counts[0] += hits
+            counts[0] += hits  # type: ignore[assignment]  # a 0-d tensor for per-sample rules: no sync here
             counts[1] += total
 
     def _check_gates(self, pl_module: nn.Module) -> None:

@@ -87,7 +87,7 @@ class ActivationMemoryMonitor(Technique):
         self._peak = 0
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._tracker = SavedTensorTracker(exclude=pl_module)
+        self._tracker = SavedTensorTracker(exclude=[pl_module])
         self._tracker.__enter__()
 
     @override

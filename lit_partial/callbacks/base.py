@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -182,7 +182,7 @@ class Technique(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]
+        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]  # type: ignore[attr-defined]
         if techniques and techniques[0] is self:  # one check per resume is enough
             check_checkpoint_techniques(checkpoint, techniques)
 

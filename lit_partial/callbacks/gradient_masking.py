@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -171,7 +171,7 @@ class GradientMasking(Technique):
         for selector in self._sources:
             group = [e for e in self._entries if e.selector == selector and e.mask is not None]
             total = sum(e.param.numel() for e in group)
-            frozen = sum(count_masked(e.param, e.mask) for e in group)  # type: ignore[arg-type]
+            frozen = sum(count_masked(e.param, e.mask) for e in group if e.mask is not None)
             if total:
                 lines.append(
                     f"GradientMasking {selector}: {frozen:,} of {total:,} elements masked "
@@ -228,7 +228,7 @@ class GradientMasking(Technique):
             if dynamic:
                 self.handles.add(optimizer.register_step_post_hook(self._stale_marker(mine)))
         total = sum(e.param.numel() for e in self._entries)
-        frozen = sum(count_masked(e.param, e.mask) for e in self._entries)  # type: ignore[arg-type]
+        frozen = sum(count_masked(e.param, e.mask) for e in self._entries if e.mask is not None)
         rank_zero_info(
             f"GradientMasking: {len(self._entries)} parameters masked, {frozen:,} of {total:,} elements frozen "
             f"({'strict: bit-identical for any optimizer' if self.strict else 'gradients only: exact for plain SGD'})."
@@ -275,7 +275,8 @@ class GradientMasking(Technique):
         self._refresh(entries)
         mask_gradients([e.param for e in entries], [e.mask for e in entries])  # type: ignore[misc]
         _recheck_scaler(trainer, raw)
-        if self.log_fraction and trainer.loggers and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
+        if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
             self._log_fractions(pl_module, entries)
 
     def _log_fractions(self, pl_module: L.LightningModule, entries: list[_Masked]) -> None:
@@ -284,7 +285,7 @@ class GradientMasking(Technique):
             by_selector.setdefault(e.selector, []).append(e)
         for selector, group in by_selector.items():
             total = sum(e.param.numel() for e in group)
-            frozen = sum(count_masked(e.param, e.mask) for e in group)  # type: ignore[arg-type]
+            frozen = sum(count_masked(e.param, e.mask) for e in group if e.mask is not None)
             pl_module.log(f"masked_fraction/{selector}", frozen / total, on_step=True, on_epoch=False)
 
     @override

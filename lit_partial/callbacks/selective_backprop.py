@@ -204,7 +204,7 @@ class SelectiveBackprop(Technique):
                 f"SelectiveBackprop scores samples with {name}.per_sample_loss(batch), which is not implemented. "
                 "Fix: return the unreduced loss of shape (B,), e.g. `F.cross_entropy(self(x), y, reduction='none')`."
             )
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         if datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, L.LightningDataModule):
             raise _DataModuleHookError(
                 f"{type(datamodule).__name__} overrides on_after_batch_transfer, so Lightning calls it instead of "

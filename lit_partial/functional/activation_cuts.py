@@ -94,13 +94,7 @@ def resolve_segments(segments: Segments, length: int) -> int:
 @contextlib.contextmanager
 def _running_stats_restored(norms: list[nn.Module]) -> Iterator[None]:
     """Undo the running-statistics update of these BatchNorm layers (the recomputation's second one)."""
-    saved = [
-        (b, b.clone())
-        for m in norms
-        if m.training
-        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if b is not None
-    ]
+    saved = [(b, b.clone()) for m in norms if m.training for b in m.buffers(recurse=False)]
     try:
         yield
     finally:
@@ -173,7 +167,7 @@ def checkpoint_modules(
             )
     handles = Handles()
     for name, module in chosen:
-        pieces = resolve_segments(segments, len(module)) if segments is not None else 0
+        pieces = resolve_segments(segments, len(module)) if isinstance(module, nn.Sequential) else 0
         handles.add(wrap_forward(module, _checkpoint_wrapper(module, name, pieces, enabled)))
     return handles
 
@@ -181,7 +175,8 @@ def checkpoint_modules(
 def _checkpoint_wrapper(
     module: nn.Module, name: str, pieces: int, enabled: Callable[[], bool] | None
 ) -> Callable[..., Any]:
-    split = [(piece, f"{name}[{span}]", norm_layers(piece)) for piece, span in _split(module, pieces)] if pieces else []
+    pieces_of = _split(module, pieces) if pieces and isinstance(module, nn.Sequential) else []
+    split = [(piece, f"{name}[{span}]", norm_layers(piece)) for piece, span in pieces_of]
     norms = norm_layers(module)  # BatchNorm layers are found once; whether they are in train mode is asked per call
 
     def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -98,7 +98,8 @@ def scale_grad(x: Any, scale: float | Tensor) -> Any:
             raise ConfigurationError(f"`scale` must be a finite number or a (B,) tensor, got {scale!r}.")
         if scale == 1:
             return x
-    return apply_to_tensors(x, lambda t: _ScaleGrad.apply(t, scale) if t.requires_grad else t)
+    # autograd.Function.apply is untyped in torch's stubs
+    return apply_to_tensors(x, lambda t: _ScaleGrad.apply(t, scale) if t.requires_grad else t)  # type: ignore[no-untyped-call]
 
 
 def reverse_grad(x: Any, scale: float = 1.0) -> Any:
@@ -183,7 +184,7 @@ def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
         raise ConfigurationError(
             f"`soft` must be a floating-point tensor (it receives the gradient), got {soft.dtype}."
         )
-    return _StraightThrough.apply(hard.detach(), soft)
+    return _StraightThrough.apply(hard.detach(), soft)  # type: ignore[no-any-return,no-untyped-call]  # untyped in torch
 
 
 def skip_rows(x: Any, out: Any, mask: Tensor) -> Any:

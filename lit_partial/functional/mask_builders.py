@@ -79,7 +79,7 @@ WHERE_OPS = COMPARISONS  # the same comparisons as statistic conditions
 
 _INDEX_DIM = {"rows": 0, "columns": 1, "channels": 0}
 
-MaskSource = Tensor | str | os.PathLike | Mapping[str, Any] | Callable[[str, Tensor], Tensor]
+MaskSource = Tensor | str | os.PathLike[str] | Mapping[str, Any] | Callable[[str, Tensor], Tensor]
 
 MASK_FORMS = (
     "a 0/1 tensor broadcasting to the parameter, a path to a .pt file holding {name: tensor}, a builder spec "
@@ -232,7 +232,7 @@ def build_where_mask(weight: Tensor, op: str, value: float) -> Tensor:
         >>> build_where_mask(torch.tensor([-1.0, 0.0, 2.0]), ">=", 0.0)
         tensor([False,  True,  True])
     """
-    return WHERE_OPS[op](weight.detach(), value)
+    return WHERE_OPS[op](weight.detach(), value)  # type: ignore[no-any-return]  # operator.* is untyped
 
 
 def build_mask(spec: Mapping[str, Any], name: str, param: Tensor) -> Tensor:
@@ -263,7 +263,7 @@ def as_bool_mask(mask: Any, name: str, param: Tensor) -> Tensor:
         raise MaskError(f"mask of {name} is a {type(mask).__name__}; expected a tensor of 0/1 values.")
     mask = check_binary(mask, f"mask of {name}")
     try:
-        broadcast = torch.broadcast_shapes(mask.shape, param.shape)
+        broadcast = torch.broadcast_shapes(mask.shape, param.shape)  # type: ignore[no-untyped-call]
     except RuntimeError:
         broadcast = None
     if broadcast != param.shape:
@@ -271,7 +271,7 @@ def as_bool_mask(mask: Any, name: str, param: Tensor) -> Tensor:
             f"mask of {name} has shape {tuple(mask.shape)}, which does not broadcast to the parameter's shape "
             f"{tuple(param.shape)}; give a mask of shape {tuple(param.shape)} (or one with size-1 dims)."
         )
-    return mask.to(param.device)
+    return mask.to(param.device)  # type: ignore[no-any-return]  # check_binary's result is a Tensor
 
 
 def check_binary(mask: Tensor, what: str) -> Tensor:
