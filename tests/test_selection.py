@@ -139,3 +139,38 @@ def test_as_selector_list_accepts_omegaconf_lists() -> None:
 def test_match_names_and_outermost() -> None:
     assert match_names(["a", "a.0", "a.0.x", "b"], "a.*") == ["a.0"]
     assert outermost(["a.0", "a", "a.0.x", "ab", "b.1"]) == ["a", "ab", "b.1"]
+
+
+def wide_model(blocks: int) -> nn.Module:
+    model = nn.Module()
+    model.blocks = nn.ModuleList(nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1)) for _ in range(blocks))
+    return model
+
+
+def test_selection_does_linearly_many_match_operations() -> None:
+    from lit_partial.selection import count_match_operations
+
+    counts = []
+    for blocks in (100, 200, 400):
+        model = wide_model(blocks)
+        with count_match_operations() as box:
+            chosen = select_parameters(model, ["blocks.*.0", "re:blocks\\.1\\..*bias"])
+        counts.append(box[0])
+        assert len(chosen) == 2 * blocks + 1  # every block's first Linear, and block 1's second bias
+    # one match per (selector, parameter or module name): the work is a * size + b, exactly
+    assert 2 * (counts[1] - counts[0]) == counts[2] - counts[1] and counts[0] == 2 * (
+        4 * 100 + 3 * 100 + 1
+    )  # 2 selectors x (400 parameter + 301 module names)
+
+
+def test_tied_parameters_are_selected_by_either_name() -> None:
+    model = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 5, bias=False))
+    model[1].weight = model[0].weight
+    assert names(select_parameters(model, "1.weight")) == ["0.weight"]
+
+
+def test_selectors_see_through_compiled_submodules_both_ways() -> None:
+    model = nn.Module()
+    model.backbone = torch.compile(nn.Sequential(nn.Linear(1, 1)), backend="eager")
+    assert names(select_parameters(model, "backbone.0")) == ["backbone._orig_mod.0.weight", "backbone._orig_mod.0.bias"]
+    assert names(select_modules(model, "backbone._orig_mod.0")) == ["backbone._orig_mod.0"]

@@ -1,0 +1,104 @@
+"""One test per private torch/Lightning name in lit_partial/_compat.py: each fails naming the name and version.
+
+If one of these fails after an upgrade, update lit_partial/_compat.py (and only it) for the new release.
+"""
+
+from __future__ import annotations
+
+import lightning
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from lit_partial import _compat
+
+VERSIONS = f"torch {torch.__version__}, lightning {lightning.__version__}"
+
+
+def upgrade(name: str) -> str:
+    return f"{name} changed ({VERSIONS}): update lit_partial/_compat.py"
+
+
+def test_version_counter_tracks_in_place_writes() -> None:
+    assert hasattr(torch.Tensor, "_version"), upgrade("Tensor._version")
+    t = torch.zeros(3)
+    before = _compat.version_counter(t)
+    t.add_(1)
+    assert _compat.version_counter(t) == before + 1, upgrade("Tensor._version")
+
+
+def test_view_base_finds_the_viewed_tensor() -> None:
+    w = nn.Parameter(torch.ones(2, 3))
+    assert _compat.view_base(w.t()) is w, upgrade("Tensor._base")
+    assert _compat.view_base(torch.ones(2)) is None, upgrade("Tensor._base")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.SyncBatchNorm(2), nn.InstanceNorm2d(2, track_running_stats=True)],
+)
+def test_norm_base_covers_running_stats_norms(module: nn.Module) -> None:
+    assert _compat.is_running_stats_norm(module), upgrade("torch.nn.modules.batchnorm._NormBase")
+
+
+def test_norm_base_excludes_norms_without_running_stats() -> None:
+    assert not _compat.is_running_stats_norm(nn.InstanceNorm2d(2)), upgrade("_NormBase.track_running_stats")
+    assert not _compat.is_running_stats_norm(nn.LayerNorm(2)), upgrade("_NormBase")
+
+
+def test_foreach_mul_multiplies_in_place() -> None:
+    assert hasattr(torch, "_foreach_mul_"), upgrade("torch._foreach_mul_")
+    a, b = [torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.zeros(3)]
+    _compat.foreach_mul_(a, b)
+    assert a[0].tolist() == [2.0, 2.0] and a[1].tolist() == [0.0, 0.0, 0.0], upgrade("torch._foreach_mul_")
+
+
+def test_non_finite_check_and_unscale_flags_infinities() -> None:
+    assert hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_"), upgrade("_amp_foreach_non_finite_...")
+    found = torch.zeros(1)
+    grads = [torch.tensor([1.0, float("inf")])]
+    _compat.non_finite_check_and_unscale_(grads, found, torch.ones(()))
+    assert found.item() == 1.0, upgrade("torch._amp_foreach_non_finite_check_and_unscale_")
+
+
+def test_grad_scaler_keeps_per_optimizer_inf_flags() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler.scale(p.sum()).backward()
+    scaler.unscale_(opt)
+    found = _compat.scaler_found_inf_per_device(scaler, opt)
+    assert set(found) == {torch.device("cpu")}, upgrade("GradScaler._per_optimizer_states['found_inf_per_device']")
+
+
+def test_grad_scaler_structure_change_is_loud() -> None:
+    class Changed:
+        pass
+
+    with pytest.raises(RuntimeError, match=r"_per_optimizer_states.*lit_partial/_compat\.py"):
+        _compat.scaler_found_inf_per_device(Changed(), torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
+
+
+def test_ddp_kwargs_are_the_options_passed_to_ddp() -> None:
+    strategy = DDPStrategy(find_unused_parameters=False)
+    kwargs = _compat.ddp_kwargs(strategy)
+    assert kwargs == {"find_unused_parameters": False}, upgrade("DDPStrategy._ddp_kwargs")
+    kwargs["find_unused_parameters"] = True
+    assert _compat.ddp_kwargs(strategy)["find_unused_parameters"] is True, upgrade("DDPStrategy._ddp_kwargs")
+    with pytest.raises(RuntimeError, match=r"has no `_ddp_kwargs` dict"):
+        _compat.ddp_kwargs(object())
+
+
+def test_ddp_ignored_names_are_what_ddp_reads() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = nn.Linear(1, 1)
+    _compat.set_ddp_ignored_names(module, ["weight"])
+    # torch's own (private) setter writes the same attribute name: if it changes, DDP ignores nothing of ours.
+    other = nn.Linear(1, 1)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(other, ["weight"])
+    assert _compat.ddp_ignored_names(other) == ["weight"], upgrade("_ddp_params_and_buffers_to_ignore")
+    assert _compat.ddp_ignored_names(module) == ["weight"]
+    _compat.set_ddp_ignored_names(module, [])
+    assert _compat.DDP_IGNORE_ATTR not in module.__dict__
