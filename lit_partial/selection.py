@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor, nn
 
+from lit_partial._compat import named_tree
 from lit_partial.errors import SelectorError
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "count_match_operations",
     "match_names",
     "outermost",
+    "preview",
     "select_modules",
     "select_parameters",
     "select_submodules",
@@ -103,9 +105,36 @@ def match_names(names: Sequence[str], selector: str) -> list[str]:
         >>> match_names(["a", "a.0", "a.1", "b"], "a.*")
         ['a.0', 'a.1']
     """
-    pattern = _compile(_unwrapped(selector))
-    _count(len(names))
-    return [name for name in names if pattern.fullmatch(_unwrapped(name))]
+    return _Names(names).match(selector)
+
+
+def _is_exact(selector: str) -> bool:
+    return not selector.startswith("re:") and not any(ch in selector for ch in "*?[")
+
+
+class _Names:
+    """Names to match selectors against: a pattern scans them once; an exact name is one dictionary lookup.
+
+    So resolving ``k`` selectors costs ``k`` scans for patterns but only ``k`` lookups for exact names (what
+    callbacks pass around after resolving once): linear in model size either way.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = names
+        self.keys = [_unwrapped(name) for name in names]  # what selectors are matched against
+        self._exact: dict[str, list[str]] | None = None
+
+    def match(self, selector: str) -> list[str]:
+        if _is_exact(selector):
+            if self._exact is None:
+                self._exact = {}
+                for key, name in zip(self.keys, self.names, strict=True):
+                    self._exact.setdefault(key, []).append(name)
+            _count(1)
+            return list(self._exact.get(_unwrapped(selector), []))
+        fullmatch = _compile(_unwrapped(selector)).fullmatch
+        _count(len(self.names))
+        return [name for key, name in zip(self.keys, self.names, strict=True) if fullmatch(key)]
 
 
 #: Module names that wrappers insert into parameter paths without being part of the user's model:
@@ -113,10 +142,9 @@ def match_names(names: Sequence[str], selector: str) -> list[str]:
 WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
-@functools.lru_cache(maxsize=65536)
 def _unwrapped(name: str) -> str:
     """``name`` without wrapper components, so selectors see through them both ways."""
-    if "_" not in name:
+    if "_orig_mod" not in name and "_wrapped_module" not in name:  # the common case, without splitting
         return name
     return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
@@ -140,9 +168,10 @@ def count_match_operations() -> Iterator[list[int]]:
     Example:
         >>> import torch.nn as nn
         >>> with count_match_operations() as box:
-        ...     _ = select_modules(nn.Sequential(nn.Linear(1, 1), nn.ReLU()), "0")
+        ...     _ = select_modules(nn.Sequential(nn.Linear(1, 1), nn.ReLU()), "re:[01]")  # a pattern: 2 names
+        ...     _ = select_modules(nn.Sequential(nn.Linear(1, 1), nn.ReLU()), "0")  # an exact name: 1 lookup
         >>> box[0]
-        2
+        3
     """
     start = _MatchCounter.operations
     box = [0]
@@ -179,9 +208,10 @@ def select_modules(model: nn.Module, selectors: Selectors) -> list[tuple[str, nn
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     names = [name for name, _ in named]
+    index = _Names(names)
     chosen: set[str] = set()
     for selector in as_selector_list(selectors):
-        hits = match_names(names, selector)
+        hits = index.match(selector)
         if not hits:
             raise _no_match(selector, names, model, "module")
         chosen.update(hits)
@@ -204,8 +234,8 @@ def select_submodules(
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     if missing_ok:
-        names = [name for name, _ in named]
-        chosen = {hit for selector in as_selector_list(selectors) for hit in match_names(names, selector)}
+        index = _Names([name for name, _ in named])
+        chosen = {hit for selector in as_selector_list(selectors) for hit in index.match(selector)}
     else:
         chosen = {name for name, _ in select_modules(model, selectors)}
     return [(name, module) for name, module in named if _under(name, chosen)]
@@ -238,22 +268,34 @@ def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str,
     Raises:
         SelectorError: If a selector matches neither a parameter nor a module with parameters.
     """
-    aliases = list(model.named_parameters(remove_duplicate=False))
+    module_names, aliases = named_tree(model)
     canonical: dict[int, tuple[str, nn.Parameter]] = {}
     for name, p in aliases:
         canonical.setdefault(id(p), (name, p))
-    alias_names = [name for name, _ in aliases]
-    module_names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    by_name = dict(aliases)
+    param_index, module_index = _Names([name for name, _ in aliases]), _Names(module_names)
     chosen: set[int] = set()
     for selector in as_selector_list(selectors):
-        named_params = set(match_names(alias_names, selector))
-        named_modules = set(match_names(module_names, selector))
-        hits = {id(p) for name, p in aliases if name in named_params or _under(name, named_modules)}
+        hits = {id(by_name[name]) for name in param_index.match(selector)}
+        modules = set(module_index.match(selector))
+        if modules:  # a module selects every parameter under it
+            hits.update(id(p) for name, p in aliases if _under(name.rpartition(".")[0], modules))
         if not hits:
             params = [name for name, _ in canonical.values()]
             raise _no_match(selector, params + [n for n in module_names if n not in set(params)], model, "parameter")
         chosen.update(hits)
     return [(name, p) for key, (name, p) in canonical.items() if key in chosen]
+
+
+def preview(names: Sequence[str], limit: int = 4) -> str:
+    """A short rendering of a possibly long list of names, for log lines.
+
+    Example:
+        >>> preview([f"blocks.{i}" for i in range(100)])
+        "['blocks.0', 'blocks.1', 'blocks.2', 'blocks.3', ... 96 more]"
+    """
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}, ... {len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
 
 
 def outermost(names: Iterable[str]) -> list[str]:

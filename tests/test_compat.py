@@ -102,3 +102,12 @@ def test_ddp_ignored_names_are_what_ddp_reads() -> None:
     assert _compat.ddp_ignored_names(module) == ["weight"]
     _compat.set_ddp_ignored_names(module, [])
     assert _compat.DDP_IGNORE_ATTR not in module.__dict__
+
+
+def test_named_tree_equals_named_parameters_with_aliases() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), nn.BatchNorm1d(2))
+    model[1][0].weight = model[0].weight  # a tied weight: two names, one parameter
+    modules, params = _compat.named_tree(model)
+    expected = list(model.named_parameters(remove_duplicate=False))
+    assert [(n, id(p)) for n, p in params] == [(n, id(p)) for n, p in expected], upgrade("Module._parameters")
+    assert modules == [n for n, _ in model.named_modules(remove_duplicate=False) if n]

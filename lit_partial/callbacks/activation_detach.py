@@ -17,7 +17,7 @@ from lit_partial.conditions import StepContext
 from lit_partial.distributed import allow_unused_parameters
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
-from lit_partial.selection import Selectors, as_selector_list, select_modules
+from lit_partial.selection import Selectors, as_selector_list, preview, select_modules
 
 __all__ = ["ActivationDetach"]
 
@@ -117,7 +117,7 @@ class ActivationDetach(Technique):
         checkpointed = [name for name, _ in select_modules(pl_module, self.checkpoint)] if self.checkpoint else []
         offloaded = [name for name, _ in select_modules(pl_module, self.offload)] if self.offload else []
         if detached:
-            allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {sorted(detached)} are detached")
+            allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {preview(sorted(detached))} are detached")
             for name, rule in detached.items():
                 self.handles.add(pl_module.get_submodule(name).register_forward_hook(self._detach_hook(rule, name)))
         if checkpointed:
@@ -133,7 +133,8 @@ class ActivationDetach(Technique):
                 offloaded = []
             else:
                 self.handles.add(offload_modules(pl_module, offloaded, enabled=self._is_active))
-        self._summary = f"detach after {sorted(detached)}, checkpoint {checkpointed}, offload {offloaded}"
+        parts = {"detach after": sorted(detached), "checkpoint": checkpointed, "offload": offloaded}
+        self._summary = ", ".join(f"{what} {preview(names)}" for what, names in parts.items())
         rank_zero_info(f"ActivationDetach: {self._summary}")
 
     def _detach_hook(self, rule: Rule, name: str) -> Any:

@@ -50,7 +50,7 @@ from lit_partial.functional.mask_builders import (
     resolve_mask_source,
 )
 from lit_partial.functional.masking import count_masked, guard_masked_elements, mask_gradients
-from lit_partial.selection import as_selector_list, select_parameters
+from lit_partial.selection import as_selector_list, preview, select_parameters
 from lit_partial.summary import record_masked
 
 __all__ = ["GradientMasking", "MaskError"]
@@ -311,7 +311,9 @@ class GradientMasking(Technique):
         static = {e.name: e for e in self._entries if e.dynamic is None}
         unknown = sorted(set(masks) - set(static))
         if unknown:
-            rank_zero_warn(f"GradientMasking: the checkpoint holds masks for {unknown}, which this run does not mask.")
+            rank_zero_warn(
+                f"GradientMasking: the checkpoint holds masks for {preview(unknown)}, which this run does not mask."
+            )
         for name, mask in masks.items():
             if name in static:
                 e = static[name]
