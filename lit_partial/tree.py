@@ -148,6 +148,7 @@ def map_tensors(
     plain: Plain = "keep",
     what: str = "value",
     error: type[UnsupportedStructureError] = UnsupportedStructureError,
+    substitute: Mapping[int, Any] | None = None,
 ) -> Any:
     """``value`` with every tensor replaced by ``fn(tensor)``; containers keep their types (see the module doc).
 
@@ -158,19 +159,31 @@ def map_tensors(
             (for operations that must reach every leaf, such as slicing a batch per sample).
         what: Names ``value`` in error messages, as the root of the path to a bad leaf (e.g. ``"batch"``).
         error: The error class to raise (a subclass of :class:`UnsupportedStructureError`).
+        substitute: ``{id(obj): replacement}``: leaves (tensors, caches and other tensor holders, plain values)
+            that are one of these objects are replaced whole, neither traversed nor passed to ``fn``; e.g. a
+            cache object passed into a layer and returned by it stays that very object. Containers (tuples,
+            lists, dicts, dataclasses) are always traversed.
 
     Raises:
         UnsupportedStructureError: For a leaf that is neither a tensor, a supported container, a registered
             tensor holder nor (with ``plain="keep"``) a plain value, naming its type and the fix.
+
+    Example:
+        >>> x, kept = torch.ones(1), torch.ones(1)
+        >>> out = map_tensors([x, {"kept": kept}], lambda t: t * 2, substitute={id(kept): kept})
+        >>> out[0].item(), out[1]["kept"] is kept
+        (2.0, True)
     """
 
     def leaf(x: Any) -> Any:
+        if substitute and id(x) in substitute:
+            return substitute[id(x)]
         if isinstance(x, Tensor):
             return fn(x)
         if _is_holder(x):
             clone = copy.copy(x)
             for name, attr in vars(x).items():
-                object.__setattr__(clone, name, map_tensors(attr, fn, plain="keep", what=what))
+                object.__setattr__(clone, name, map_tensors(attr, fn, plain="keep", what=what, substitute=substitute))
             return clone
         if isinstance(x, _PLAIN_TYPES) and plain == "keep":
             return x

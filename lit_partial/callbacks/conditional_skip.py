@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -11,31 +12,59 @@ from typing_extensions import override
 
 from lit_partial._plain import to_plain
 from lit_partial.attach import wrap_forward
+from lit_partial.callbacks._output_layout import (
+    SAME_AS_INPUT,
+    OutputLayout,
+    call_key,
+    describe,
+    hidden_input,
+    learn_layout,
+    mix_rows,
+    returns_tensor,
+    skipped_output,
+)
 from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
-from lit_partial.functional.gradients import skip_rows
 from lit_partial.selection import Selectors, as_selector_list, select_modules
-from lit_partial.tree import first_tensor, map_tensors
+from lit_partial.tree import first_tensor
 
 __all__ = ["ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
-
-
-def _shapes(x: Any) -> Any:
-    return map_tensors(x, lambda t: tuple(t.shape))
 
 
 class ConditionalSkip(DynamicGraphCallback):
     """Make selected modules return their input unchanged while a condition holds (training steps only).
 
-    Meant for residual-style modules (``x -> x + f(x)``, or any module whose output has its input's shape):
-    skipping one runs neither its forward nor its backward. Keys are module selectors; values are conditions
-    (see :mod:`lit_partial.conditions`; statistics look at the module's input), or
+    Meant for residual-style modules (``x -> x + f(x)``): ResNet blocks, transformer layers (LayerDrop over
+    ``bert.encoder.layer.*``, ``model.layers.*``, ``transformer.h.*``). A skipped call runs no part of the module:
+    no forward, no backward, no BatchNorm statistics update, no random draw. Keys are module selectors; values
+    are conditions (see :mod:`lit_partial.conditions`; statistics look at the module's input), or
     ``{"when": condition, "per_sample": true}`` to skip single batch rows (the module still runs, skipped rows
-    take the input). Validation, test and predict always run every module. The first call of each module
-    checks that its output has its input's structure and shapes, and raises naming the module if not.
-    Under DDP, a rule that can skip a whole module makes the strategy run with ``find_unused_parameters=True``
-    (logged). Logs ``conditional_skip/<key>``: the fraction of steps (or samples) skipped per epoch.
+    take the input). Validation, test and predict always run every module. Under DDP, a rule that can skip a
+    whole module makes the strategy run with ``find_unused_parameters=True`` (logged). Logs
+    ``conditional_skip/<key>``: the fraction of steps (or samples) skipped per epoch.
+
+    What a skipped call returns. Modules may be called with any positional and keyword arguments. The
+    *input* is the first positional argument (or ``hidden_states=`` when there is none); a skipped call returns
+    it in the structure of the module's output:
+
+    * an output with the input's structure and shapes (a residual block; a transformers >= 5 layer, which
+      returns a tensor): the input itself;
+    * any other structure (a tuple ``(hidden_states, attn_weights, present)``, a named tuple, a dict, a
+      ``ModelOutput``): that structure, with the input where the output's first tensor of the input's shape
+      is, every object the module returns that was passed in (a cache) as passed in this call, untouched,
+      and every other tensor (attention weights, ...) ``None``.
+
+    The structure is learned from calls that run (validation, Lightning's sanity check, training steps on
+    which the module is not skipped), once per kind of call: the module's class, argument types and flag
+    values. Layers of one class called alike share it, so ``model.layers.7`` skipped at its first call returns
+    what ``model.layers.0`` did. A module skipped before any call like it has run returns its input as it is
+    if its ``forward`` is annotated ``-> Tensor`` or it is called with its input alone (a residual block);
+    otherwise that first call is an error naming the module and the fix (let one call run first). Either
+    assumption is checked at the first call that runs: another structure stops training with an error naming
+    the module and what it returned. Outputs matching neither form (no tensor of the input's shape) are an
+    error at their first call, naming the module and what it returned. With ``output_attentions=True`` a
+    Hugging Face model collects attention weights from the layers that ran only.
 
     Args:
         rules: ``{selector: condition | {"when": condition, "per_sample": bool}}``.
@@ -47,7 +76,8 @@ class ConditionalSkip(DynamicGraphCallback):
         ValueError: If ``rules`` is empty or not a dict, or a rule has unknown keys.
         ConditionError: If a condition is invalid (the message lists the valid forms).
         SelectorError: At ``setup``, if a selector matches no module.
-        RuntimeError: At the first call of a module whose output shape differs from its input's.
+        RuntimeError: At the first call of a module whose output has no tensor of its input's shape, or of a
+            module skipped before any call like it ran whose structure no convention gives (see above).
 
     Example:
         >>> import torch
@@ -65,6 +95,8 @@ class ConditionalSkip(DynamicGraphCallback):
             log=log,
             accept_config_change=accept_config_change,
         )
+        self._layouts: dict[tuple[Any, ...], OutputLayout] = {}
+        self._checked: set[str] = set()
 
     def _ddp_reason(self) -> str:
         cutting = [key for key, rule in self.rules.items() if rule.cuts_graph]
@@ -75,47 +107,124 @@ class ConditionalSkip(DynamicGraphCallback):
         return [(self.rules[key], name, module) for key, hits in modules.items() for name, module in hits]
 
     def _attach_rules(self, model: nn.Module) -> None:
-        for rule, name, module in self._targets(model):
+        self._layouts = {}  # call_key -> output structure: learned anew in every fit
+        self._checked = set()  # selected modules whose own output was checked (shapes differ within a class)
+        targets = self._targets(model)
+        for rule, name, module in targets:
             # outer: a skipped module runs nothing, not even another technique's wrapper (e.g. a checkpoint)
-            self.handles.add(wrap_forward(module, self._skipping_forward(rule, name), outer=True))
+            self.handles.add(wrap_forward(module, self._skipping_forward(rule, name, module), outer=True))
+        # Unselected modules of a selected class teach the structure too (LayerDrop on the top layers only).
+        selected = {id(module) for _, _, module in targets}
+        classes = tuple({type(module) for _, _, module in targets})
+        for name, module in model.named_modules():
+            if isinstance(module, classes) and type(module) in classes and id(module) not in selected:
+                self.handles.add(module.register_forward_hook(self._learning_hook(name), with_kwargs=True))
 
-    def _skipping_forward(self, rule: Rule, name: str) -> Callable[..., Any]:
-        checked = False
+    def _skipping_forward(self, rule: Rule, name: str, module: nn.Module) -> Callable[..., Any]:
+        who = type(self).__name__
 
         def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            nonlocal checked
-            if not checked:  # run it once for real, whatever the decision, to check the shapes before training
-                out = original(*args, **kwargs)
-                self._check_residual(name, args, kwargs, out)
-                checked = True
-                return self._choose(rule, name, args[0], lambda: out)
-            return self._choose(rule, name, args[0], lambda: original(*args, **kwargs))
+            x = hidden_input(who, name, args, kwargs)
+            decision = self._decide(rule, name, x)
+            if decision is True:  # runs nothing: the output is built from the structure learned or assumed
+                return skipped_output(self._layout_for_skip(name, module, x, args, kwargs), x, args, kwargs)
+            out = original(*args, **kwargs)
+            layout = self._learn(name, module, x, args, kwargs, out)
+            if isinstance(decision, Tensor) and bool(decision.any()):
+                return mix_rows(layout, x, out, decision, args, kwargs)
+            return out
 
         return forward
 
-    def _choose(self, rule: Rule, name: str, x: Any, run: Callable[[], Any]) -> Any:
+    def _learning_hook(self, name: str) -> Callable[..., None]:
+        who = type(self).__name__
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            key = call_key(module, args, kwargs)
+            known = self._layouts.get(key)
+            if known is not None and known.source == "learned":
+                return
+            try:
+                layout = learn_layout(name, hidden_input(who, name, args, kwargs), args, kwargs, out, who=who)
+            except IncompatibleModuleError:  # not selected, so not required to be skippable: it teaches nothing
+                return
+            self._check_assumption(name, module, known, layout, out)
+            self._layouts[key] = layout
+
+        return hook
+
+    def _decide(self, rule: Rule, name: str, x: Any) -> bool | Tensor:
+        """Whether to skip now: False outside training steps, a bool, or a ``(B,)`` mask for per-sample rules."""
         ctx = self._ctx
         if ctx is None:  # validation, test, predict or a call outside a training step
-            return run()
+            return False
         decision = decide(rule, ctx, first_tensor(x), salt=name)
         self._count(rule.key, decision)
-        if isinstance(decision, Tensor):
-            return skip_rows(x, run(), decision) if bool(decision.any()) else run()
-        return x if decision else run()
+        return decision
 
-    def _check_residual(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        who = type(self).__name__
-        if len(args) != 1 or kwargs:
-            raise IncompatibleModuleError(
-                f"{who} cannot skip module {name!r}: it is called with {len(args)} positional and {len(kwargs)} "
-                "keyword arguments, and a skipped module returns its single input. Fix: select a one-input module."
-            )
-        if _shapes(args[0]) != _shapes(out):
-            raise IncompatibleModuleError(
-                f"{who} cannot skip module {name!r}: its output {_shapes(out)} differs from its input "
-                f"{_shapes(args[0])}, so returning the input would break the next layer. Fix: select residual-style "
-                "modules whose output has the shape of their input (e.g. 'blocks.*', not a downsampling stage)."
-            )
+    def _learn(
+        self, name: str, module: nn.Module, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> OutputLayout:
+        """The layout of ``out``: checked on each module's first run, then learned once per kind of call."""
+        key = call_key(module, args, kwargs)
+        known = self._layouts.get(key)
+        if known is not None and known.source == "learned" and name in self._checked:
+            return known
+        layout = learn_layout(name, x, args, kwargs, out, who=type(self).__name__)  # raises if not skippable
+        self._checked.add(name)
+        self._check_assumption(name, module, known, layout, out)
+        self._layouts[key] = layout
+        return layout
+
+    def _check_assumption(
+        self, name: str, module: nn.Module, known: OutputLayout | None, layout: OutputLayout, out: Any
+    ) -> None:
+        """Raise if a skip before any run assumed the input's structure and the real output has another."""
+        if known is None or known.source == "learned" or layout.same_as_input:
+            return
+        raise IncompatibleModuleError(
+            f"{type(self).__name__} skipped module {name!r} (or another {type(module).__name__} called the same "
+            f"way) before any had run, assuming ({_ASSUMPTIONS[known.source]}) that it returns its input's "
+            f"structure; its first call that ran returned {type(out).__qualname__} {describe(out)}. Fix: let it "
+            "run once before it can be skipped: keep Lightning's validation sanity check (num_sanity_val_steps > 0 "
+            "with a validation dataloader), or start the rule at step 1 ({'all': [{'steps': [1, null]}, "
+            "<condition>]})."
+        )
+
+    def _layout_for_skip(
+        self, name: str, module: nn.Module, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> OutputLayout:
+        """The layout a skipped call uses: learned from a call of this kind that ran, else assumed, else an error."""
+        key = call_key(module, args, kwargs)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _assumed_layout(type(self).__name__, name, module, x, args, kwargs)
+            self._layouts[key] = layout
+        return layout
+
+
+_ASSUMPTIONS = {
+    "annotation": "its forward is annotated `-> Tensor`",
+    "residual": "it is called with its input alone, like a residual block",
+}
+
+
+def _assumed_layout(
+    who: str, name: str, module: nn.Module, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> OutputLayout:
+    """The structure of a module skipped before any call of its kind ran, from a convention; else an error."""
+    if isinstance(x, Tensor) and returns_tensor(module):
+        return replace(SAME_AS_INPUT, source="annotation")
+    if len(args) == 1 and not kwargs:
+        return replace(SAME_AS_INPUT, source="residual")
+    raise IncompatibleModuleError(
+        f"{who} cannot skip module {name!r} ({type(module).__name__}) at its first call: no call like it has run "
+        f"yet, so the structure of its output is unknown (it is called with {len(args)} positional and "
+        f"{len(kwargs)} keyword arguments, and its forward is not annotated `-> Tensor`). A skipped call runs no "
+        "part of the module, not even to learn that. Fix: let it run once before it can be skipped: keep "
+        "Lightning's validation sanity check (num_sanity_val_steps > 0 with a validation dataloader), or start "
+        "the rule at step 1 ({'all': [{'steps': [1, null]}, <condition>]})."
+    )
 
 
 def stochastic_depth_rates(num_blocks: int, drop_rate: float) -> list[float]:
