@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lit_partial.attach import batch_transforms, gate_functions, record_gate, register_batch_transform, register_gate
 from lit_partial.errors import ConfigurationError
-from lit_partial.summary import format_summary, summarize
+from lit_partial.summary import format_summary, summarize, tie_notes
 
 __all__ = [
     "ParamGroupPlanner",
@@ -123,9 +123,16 @@ class PartialBackpropMixin:
             return planners[0].plan_param_groups(self, dict(defaults))  # type: ignore[arg-type]
         return [{"params": list(self.parameters()), "name": "all", **defaults}]  # type: ignore[attr-defined]
 
-    def partial_summary(self) -> str:
-        """A table per top-level module: parameters total, trainable (``requires_grad``) and masked."""
-        return format_summary(summarize(self))  # type: ignore[arg-type]
+    def partial_summary(self, depth: int = 1) -> str:
+        """A table per module: parameters total, trainable (``requires_grad``) and masked, then tied parameters.
+
+        Args:
+            depth: Branching levels to show. Wrappers with a single child (``self.model``, PEFT's
+                ``base_model.model``, ``_orig_mod``) are looked through, so ``depth=1`` is the first level where
+                the model has several parts, e.g. ``model.base_model.model.model`` and ``...lm_head`` for a
+                PEFT-wrapped causal LM, ``depth=3`` its ``layers.0``, ``layers.1``, ... Row names are selectors.
+        """
+        return format_summary(summarize(self, depth), tie_notes(self, depth))  # type: ignore[arg-type]
 
     def tbptt_step(self, batch: Any, k: int, step_fn: Callable[[Any, Any], Any], **kwargs: Any) -> Tensor | None:
         """Truncated backprop through time over ``batch`` in chunks of ``k`` steps; returns the mean chunk loss.

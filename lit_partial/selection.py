@@ -42,12 +42,14 @@ __all__ = [
     "Selectors",
     "as_selector_list",
     "count_match_operations",
+    "describe_ties",
     "match_names",
     "outermost",
     "preview",
     "select_modules",
     "select_parameters",
     "select_submodules",
+    "tied_parameter_names",
 ]
 
 Selectors = str | Sequence[str]
@@ -296,6 +298,41 @@ def preview(names: Sequence[str], limit: int = 4) -> str:
     """
     shown = ", ".join(repr(n) for n in names[:limit])
     return f"[{shown}, ... {len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
+
+
+def tied_parameter_names(model: nn.Module) -> list[list[str]]:
+    """The names of every parameter known under several names (tied weights), first name first, in model order.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.ModuleDict({"embed": nn.Embedding(4, 2), "head": nn.Linear(2, 4, bias=False)})
+        >>> model.head.weight = model.embed.weight
+        >>> tied_parameter_names(model)
+        [['embed.weight', 'head.weight']]
+    """
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [aliases for aliases in names.values() if len(aliases) > 1]
+
+
+def describe_ties(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]]) -> list[str]:
+    """For each of ``params`` that is tied, ``"'a' is tied to 'b'"``: for messages of callbacks that select it.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.ModuleDict({"embed": nn.Embedding(4, 2), "head": nn.Linear(2, 4, bias=False)})
+        >>> model.head.weight = model.embed.weight
+        >>> describe_ties(model, select_parameters(model, "head.weight"))
+        ["'embed.weight' is tied to 'head.weight' (one tensor: what is done to it holds under every name)"]
+    """
+    tied = {name: aliases for aliases in tied_parameter_names(model) for name in aliases[:1]}
+    return [
+        f"{name!r} is tied to {', '.join(repr(a) for a in tied[name][1:])} (one tensor: what is done to it holds "
+        "under every name)"
+        for name, _ in params
+        if name in tied
+    ]
 
 
 def outermost(names: Iterable[str]) -> list[str]:

@@ -50,7 +50,7 @@ from lit_partial.functional.mask_builders import (
     resolve_mask_source,
 )
 from lit_partial.functional.masking import count_masked, guard_masked_elements, mask_gradients
-from lit_partial.selection import as_selector_list, preview, select_parameters
+from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
 from lit_partial.summary import record_masked
 
 __all__ = ["GradientMasking", "MaskError"]
@@ -183,11 +183,13 @@ class GradientMasking(Technique):
     def _build(self, model: nn.Module) -> list[_Masked]:
         entries: list[_Masked] = []
         owner: dict[int, str] = {}
+        aliases = {names[0]: names for names in tied_parameter_names(model)}
         for selector, source in self._sources.items():
             for name, param in select_parameters(model, selector):
                 if id(param) in owner:
+                    tied = f" (one tensor tied under the names {aliases[name]})" if name in aliases else ""
                     raise MaskError(
-                        f"parameter {name!r} is selected by masks {owner[id(param)]!r} and {selector!r}; "
+                        f"parameter {name!r}{tied} is selected by masks {owner[id(param)]!r} and {selector!r}; "
                         "give each parameter one mask (make the selectors disjoint, e.g. with 're:...')."
                     )
                 owner[id(param)] = selector
@@ -198,6 +200,8 @@ class GradientMasking(Technique):
                 else:
                     entry.mask = resolve_mask_source(selector, source, name, param)
                 entries.append(entry)
+        for note in describe_ties(model, [(e.name, e.param) for e in entries]):
+            rank_zero_info(f"GradientMasking: {note}; its mask is kept under its first name in masks and checkpoints.")
         return entries
 
     def _record_counts(self, model: nn.Module) -> None:

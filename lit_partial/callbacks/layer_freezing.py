@@ -50,7 +50,7 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
-from lit_partial.selection import Selectors, as_selector_list, select_parameters, select_submodules
+from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
 
@@ -153,6 +153,9 @@ class LayerFreezing(Technique):
             self._params(pl_module, entry.unfreeze + entry.freeze)
         if self.frozen:
             self._change(pl_module, self.frozen, trainable=False)
+        selected = self.frozen + [s for entry in self.schedule for s in entry.unfreeze + entry.freeze]
+        for note in describe_ties(pl_module, self._params(pl_module, selected) if selected else []):
+            rank_zero_info(f"LayerFreezing: {note}; freezing or unfreezing either name changes both.")
         self._check_schedule(pl_module)
         self._exclude_from_ddp(trainer, pl_module)
         self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
@@ -209,6 +212,15 @@ class LayerFreezing(Technique):
                     rank_zero_warn(
                         f"LayerFreezing schedule entry '{entry.describe()}' unfreezes {selector!r} ({names[:3]}...), "
                         "which will not be frozen at that point, so nothing changes. Fix: freeze it first or drop it."
+                    )
+                base = [n for n in names if n in frozen and ".base_layer." in n]
+                if base:  # PEFT keeps the pretrained weight of an adapted layer in `<layer>.base_layer`
+                    rank_zero_warn(
+                        f"LayerFreezing schedule entry '{entry.describe()}' unfreezes {selector!r}, which selects "
+                        f"{len(base)} frozen PEFT base weights ({base[:2]}...), not only adapter weights. Fix: to "
+                        f"unfreeze only LoRA weights, select '{selector}.lora_*' (the adapters of the layers it "
+                        f"names) or '{selector}.**.lora_*' (adapters anywhere below them); keep {selector!r} to "
+                        "fine-tune the base weights too."
                     )
                 unfreeze.update(names)
             refrozen = {n for n, _ in self._params(model, entry.freeze)} if entry.freeze else set()

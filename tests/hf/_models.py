@@ -118,3 +118,10 @@ def without_layers(model: nn.Module, family: str, skipped: set[int]) -> Iterator
         yield
     finally:
         setattr(owner, attr, layers)
+
+
+def lora(model: nn.Module, targets: tuple[str, ...] = ("q_proj", "v_proj"), **config: Any) -> nn.Module:
+    """``model`` wrapped by PEFT with LoRA (r=4) on ``targets``; PEFT freezes everything else."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **config))
