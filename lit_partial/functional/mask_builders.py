@@ -11,7 +11,7 @@ spec                                                        elements that may ch
                                                             from a generator seeded by ``(s, name)``:
                                                             the same on every rank and every run
 ``{"kind": "magnitude", "keep": f, "largest": true}``       the ``f`` largest (or smallest) ``|w|``
-``{"kind": "rows", "index": [...]}``                        the listed indices of dim 0
+``{"kind": "rows", "index": [...]}``                        the listed indices of dim 0 (``-1``: the last)
 ``{"kind": "columns", "index": [...]}``                     the listed indices of dim 1
 ``{"kind": "channels", "index": [...]}``                    the listed output channels (dim 0) of every
                                                             selected parameter (conv weight, BN, bias)
@@ -129,8 +129,11 @@ def validate_mask_spec(spec: Mapping[str, Any], *, where: str = "mask spec") -> 
     if kind in _INDEX_DIM:
         index = spec["index"]
         ints = isinstance(index, Sequence) and not isinstance(index, str) and len(index) > 0
-        if not ints or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in index):
-            raise MaskError(f"{where}: index={index!r} must be a non-empty list of non-negative ints, e.g. [0, 5].")
+        if not ints or not all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+            raise MaskError(
+                f"{where}: index={index!r} must be a non-empty list of ints, e.g. [0, 5] (negative ones count from "
+                "the end: [-2, -1] are the last two rows, e.g. the tokens resize_token_embeddings added)."
+            )
         spec["index"] = sorted(set(index))
     if kind == "where":
         if spec["op"] not in WHERE_OPS:
@@ -200,11 +203,13 @@ def build_magnitude_mask(weight: Tensor, keep: float, largest: bool = True) -> T
 def build_index_mask(shape: Sequence[int], index: Sequence[int], dim: int, name: str = "parameter") -> Tensor:
     """A mask letting the listed indices along ``dim`` change, in broadcast shape (size 1 elsewhere).
 
+    Negative indices count from the end, as in Python (``-1`` is the last row).
+
     Raises:
         MaskError: If the parameter has no dimension ``dim`` or an index is out of range.
 
     Example:
-        >>> build_index_mask((3, 2), [0, 2], dim=0)
+        >>> build_index_mask((3, 2), [0, -1], dim=0)
         tensor([[ True],
                 [False],
                 [ True]])
@@ -215,13 +220,13 @@ def build_index_mask(shape: Sequence[int], index: Sequence[int], dim: int, name:
             f"(e.g. '*.weight') for columns, or use rows."
         )
     size = shape[dim]
-    bad = [i for i in index if not 0 <= i < size]
+    bad = [i for i in index if not -size <= i < size]
     if bad:
         raise MaskError(f"{name}: index {bad} out of range for dim {dim} of size {size} (shape {tuple(shape)}).")
     view = [1] * len(shape)
     view[dim] = size
     mask = torch.zeros(size, dtype=torch.bool)
-    mask[list(index)] = True
+    mask[[i % size for i in index]] = True
     return mask.view(view)
 
 

@@ -63,6 +63,9 @@ def test_index_masks_rows_columns_channels_in_broadcast_shape() -> None:
         build_index_mask((4,), [0], dim=1, name="b")
     with pytest.raises(MaskError, match=r"w: index \[4\] out of range for dim 0 of size 4"):
         build_mask({"kind": "rows", "index": [0, 4]}, "w", w)
+    with pytest.raises(MaskError, match=r"w: index \[-5\] out of range for dim 0 of size 4"):
+        build_mask({"kind": "rows", "index": [-5]}, "w", w)
+    assert torch.equal(build_mask({"kind": "rows", "index": [-1, -3]}, "w", w), rows)  # from the end: rows 3 and 1
 
 
 @pytest.mark.parametrize(
@@ -106,7 +109,7 @@ def test_build_mask_dispatches_every_kind() -> None:
         ({"kind": "random", "keep": 0.5, "seed": -1}, r"seed=-1 must be a non-negative int"),
         ({"kind": "magnitude", "keep": 0.5, "largest": "yes"}, r"largest='yes' must be true"),
         ({"kind": "rows", "index": []}, r"index=\[\] must be a non-empty list"),
-        ({"kind": "rows", "index": [1, -2]}, r"must be a non-empty list of non-negative ints"),
+        ({"kind": "rows", "index": [1, 2.5]}, r"must be a non-empty list of ints, e.g. \[0, 5\] \(negative ones"),
         ({"kind": "where", "op": "=>", "value": 0}, r"op='=>' is not one of \['>', '>='"),
         ({"kind": "where", "op": ">", "value": "0"}, r"value='0' must be a number"),
     ],
