@@ -1,0 +1,96 @@
+"""Compatibility: the techniques on tiny BERT, GPT-2 and Llama from configs, each against a hand-written loop.
+
+Freezing the embeddings, checkpointing every layer, detaching a layer's output and selective backprop over dict
+(and ``BatchEncoding``) batches: bit for bit equal to plain PyTorch doing the same thing by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+import transformers
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lit_partial import ActivationDetach, ConditionalDetach, LayerFreezing, SelectiveBackprop
+from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.hf._models import FAMILIES, LAYERS, HFModule, build, loader
+
+pytestmark = pytest.mark.hf
+STEPS = 3
+EMBEDDINGS = {"bert": "bert.embeddings", "gpt2": "transformer.wpe", "llama": "model.embed_tokens"}
+
+
+def fit(family: str, callbacks: list[Callback], module: type[HFModule] = HFModule) -> HFModule:
+    torch.manual_seed(0)
+    model = module(build(family))
+    quiet_trainer(max_steps=STEPS, callbacks=callbacks).fit(model, loader(family))
+    return model
+
+
+def hand_written(family: str, prepare: Callable[[nn.Module], Any] = lambda m: None) -> nn.Module:
+    """Plain PyTorch AdamW on the same data; ``prepare`` changes the model by hand first."""
+    torch.manual_seed(0)
+    ref = build(family).train()
+    prepare(ref)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for batch in list(loader(family))[:STEPS]:
+        ref(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_embeddings_equal_requires_grad_false(family: str) -> None:
+    model = fit(family, [LayerFreezing(frozen=f"model.{EMBEDDINGS[family]}")])
+    ref = hand_written(family, lambda m: m.get_submodule(EMBEDDINGS[family]).requires_grad_(False))
+    assert_states_bitwise_equal(model.model.state_dict(), ref.state_dict())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpointing_every_layer_changes_no_bit(family: str) -> None:
+    model = fit(family, [ActivationDetach(checkpoint=f"model.{LAYERS[family]}.*")])  # dropout 0.1: RNG replayed
+    assert_states_bitwise_equal(model.model.state_dict(), hand_written(family).state_dict())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detaching_the_first_layer_equals_detach_written_by_hand(family: str) -> None:
+    model = fit(family, [ConditionalDetach({f"model.{LAYERS[family]}.0": "always"})])
+
+    def detach_first_layer(m: nn.Module) -> None:
+        m.get_submodule(f"{LAYERS[family]}.0").register_forward_hook(lambda mod, args, out: out.detach())
+
+    assert_states_bitwise_equal(model.model.state_dict(), hand_written(family, detach_first_layer).state_dict())
+
+
+class EncodingBatches(HFModule):
+    """Receives ``transformers.BatchEncoding`` batches (what tokenizers return), not plain dicts."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return transformers.BatchEncoding(dict(batch))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selective_backprop_on_dict_and_batch_encoding_batches(family: str) -> None:
+    for module in (HFModule, EncodingBatches):
+        model = fit(family, [SelectiveBackprop(keep=0.5, method="topk")], module)
+        torch.manual_seed(0)
+        ref = HFModule(build(family)).train()
+        opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        for batch in list(loader(family))[:STEPS]:
+            ref.eval()
+            with torch.no_grad():
+                losses = ref.per_sample_loss(batch)
+            ref.train()
+            rows = torch.topk(losses, 2).indices.sort().values
+            ref({k: v[rows] for k, v in batch.items()}).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert_states_bitwise_equal(model.state_dict(), ref.state_dict())
