@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 _HIDDEN = ("hidden", None)
-_FLAGS = (type(None), bool)
 _NOT_OBJECTS = (type(None), bool, int, float, str)  # values that are never "an object passed in and returned"
 
 
@@ -113,6 +112,10 @@ def hidden_input(who: str, name: str, args: tuple[Any, ...], kwargs: Mapping[str
     )
 
 
+def _kind(value: Any) -> Any:
+    return value if value is None or value is True or value is False else type(value)
+
+
 def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
     """What makes two calls "the same kind": the module's class, argument types and flag values.
 
@@ -123,11 +126,9 @@ def call_key(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
         >>> call_key(layer, (x,), {"use_cache": True}) == call_key(layer, (x,), {"use_cache": False})
         False
     """
-
-    def kind(value: Any) -> Any:
-        return value if isinstance(value, _FLAGS) else type(value)
-
-    return type(module), tuple(kind(a) for a in args), tuple((k, kind(v)) for k, v in kwargs.items())
+    # Runs on every call of a selected module: plain tuples of types, no per-call closures.
+    flags = tuple(zip(kwargs, map(_kind, kwargs.values()), strict=True)) if kwargs else ()
+    return type(module), tuple(map(_kind, args)), flags
 
 
 @functools.cache
