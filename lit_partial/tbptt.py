@@ -23,6 +23,12 @@ Every tensor of the batch whose size along ``time_dim`` equals the sequence leng
 first such tensor) is split; other tensors (e.g. per-sequence labels of shape ``(B,)``) reach every chunk
 whole. :func:`truncated_bptt` is the same loop without Lightning.
 
+The carried state may be any structure :mod:`lit_partial.tree` walks, Hugging Face ``Cache`` objects included:
+carrying a transformer's ``past_key_values`` / ``cache`` gives Transformer-XL-style memory (each chunk attends to
+the keys and values of the chunks before it, backward stops at the chunk boundary); the carried cache is a
+detached copy, so the one the model returned keeps its graph for that chunk's backward. The README's "Hugging
+Face and PEFT" section has the GPT-2 version.
+
 Example:
     >>> import torch
     >>> x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 1)
