@@ -12,6 +12,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
+pytest.importorskip("transformers")  # also when collected for doctests without the extras
+
 import lightning as L
 import torch
 import transformers
