@@ -115,9 +115,9 @@ class ConditionalSkip(DynamicGraphCallback):
             self.handles.add(wrap_forward(module, self._skipping_forward(rule, name, module), outer=True))
         # Unselected modules of a selected class teach the structure too (LayerDrop on the top layers only).
         selected = {id(module) for _, _, module in targets}
-        classes = tuple({type(module) for _, _, module in targets})
+        classes = {type(module) for _, _, module in targets}
         for name, module in model.named_modules():
-            if isinstance(module, classes) and type(module) in classes and id(module) not in selected:
+            if type(module) in classes and id(module) not in selected:
                 self.handles.add(module.register_forward_hook(self._learning_hook(name), with_kwargs=True))
 
     def _skipping_forward(self, rule: Rule, name: str, module: nn.Module) -> Callable[..., Any]:
