@@ -155,3 +155,20 @@ class PartialBackpropMixin:
         for fn in batch_transforms(self):  # type: ignore[arg-type]
             batch = fn(batch, dataloader_idx)
         return batch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint holding the state of a lit_partial technique this run no longer has.
+
+        Techniques check this themselves on resume; this covers runs from which every technique was removed.
+        Call ``super().on_load_checkpoint(checkpoint)`` if you override it.
+
+        Raises:
+            CheckpointMismatchError: Naming the technique whose state would be dropped and the fix.
+        """
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        from lit_partial.callbacks.base import Technique, check_checkpoint_techniques  # imported late: a cycle
+
+        trainer = attached_trainer(self)  # type: ignore[arg-type]
+        callbacks = trainer.callbacks if trainer is not None else []
+        if not any(isinstance(cb, Technique) for cb in callbacks):
+            check_checkpoint_techniques(checkpoint, [])

@@ -228,8 +228,8 @@ def check_checkpoint_techniques(checkpoint: Mapping[str, Any], techniques: list[
         else:
             now = f" This run has {', '.join(t.state_key for t in same)} instead." if same else ""
         raise CheckpointMismatchError(
-            f"the checkpoint holds the state of {key} (configuration {json.dumps(record.get('config'))}), which this "
-            f"run does not have.{now} Fix: resume with the callbacks the checkpoint was made with; to change them on "
-            f"purpose, pass accept_config_change=True to the new {kind}, or start a new run from the weights alone "
+            f"the checkpoint holds the state of a {kind} (configuration {json.dumps(record.get('config'))}), which "
+            f"this run does not have.{now} Fix: resume with the callbacks the checkpoint was made with; to change them "
+            f"on purpose, pass accept_config_change=True to the new {kind}, or start a new run from the weights alone "
             "(load them, and do not pass ckpt_path)."
         )
