@@ -79,17 +79,23 @@ class StepContext:
         global_step: Optimizer steps taken so far (``trainer.global_step``).
         batch_idx: The batch index within the epoch, so micro-batches of one optimizer step draw differently.
         training: False during validation, test and predict.
+        sharded: True under a strategy that shards parameters (FSDP2): decisions that depend on per-rank data
+            are then taken once for all ranks (:func:`lit_partial.distributed.holds_on_all_ranks`).
     """
 
     epoch: int = 0
     global_step: int = 0
     batch_idx: int = 0
     training: bool = True
+    sharded: bool = False
 
     @classmethod
     def from_trainer(cls, trainer: Any, batch_idx: int = 0) -> StepContext:
         """Read the context off a Lightning ``Trainer``."""
-        return cls(int(trainer.current_epoch), int(trainer.global_step), int(batch_idx), bool(trainer.training))
+        from lit_partial.distributed import is_sharded
+
+        epoch, step, training = int(trainer.current_epoch), int(trainer.global_step), bool(trainer.training)
+        return cls(epoch, step, int(batch_idx), training, is_sharded(trainer))
 
 
 def _mix64(x: int) -> int:

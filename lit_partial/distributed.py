@@ -1,8 +1,27 @@
-"""Multi-process helpers: which strategies we support, and rank-consistent decisions.
+"""Multi-process helpers: which strategies we support, rank-consistent decisions, and sharded tensors.
 
 Decisions that change the autograd graph must agree across ranks (DESIGN §4.4). Random decisions are
 seeded from the global step (:mod:`lit_partial.conditions`), so they agree by construction; the helpers
 here cover what has to be communicated.
+
+Two families of multi-process strategies are supported:
+
+* **DDP** (``strategy="ddp"``, ``"ddp_spawn"``, ...): every rank holds every parameter. A decision taken
+  differently per rank is safe (DDP runs with ``find_unused_parameters=True`` where needed, see
+  :func:`allow_unused_parameters`).
+* **FSDP2** (Lightning's ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``, data
+  parallelism only): ``fully_shard`` replaces each parameter by a ``DTensor`` parameter holding this rank's
+  shard, and every forward/backward issues all-gathers and reduce-scatters per sharded module. Ranks that
+  decide differently whether a module runs or gets a gradient issue different collectives and hang, so under
+  this family every graph-changing decision that depends on per-rank data is reduced first
+  (:func:`holds_on_all_ranks`: a statistic is computed over all ranks' activations). Masks and other
+  per-parameter tensors are sharded like their parameter (:func:`shard_like`), and the tensor kernels work
+  on the local shards (:func:`local_tensor`).
+
+Lightning call order, which the callbacks rely on: ``Callback.setup`` runs before
+``LightningModule.configure_model`` (so before ``fully_shard``, and before DDP wraps the model);
+``on_fit_start`` runs once the strategy has set up the model and the optimizers; a checkpoint is restored
+before the strategy's setup under DDP, but after ``on_fit_start`` under ``ModelParallelStrategy``.
 """
 
 from __future__ import annotations
@@ -19,16 +38,21 @@ from lit_partial.errors import UnsupportedStrategyError
 __all__ = [
     "DEFAULT_FAMILIES",
     "FAMILIES",
+    "SHARDED_FAMILIES",
     "UnsupportedStrategyError",
     "check_supported_strategy",
+    "is_sharded",
     "strategy_family",
     "world_size",
 ]
 
 #: Every strategy family :func:`strategy_family` reports.
 FAMILIES: tuple[str, ...] = ("single", "ddp", "fsdp2", "fsdp1", "deepspeed", "other")
-#: The families every lit_partial callback supports (single device; DDP in all its launch modes).
-DEFAULT_FAMILIES: tuple[str, ...] = ("single", "ddp")
+#: The families every lit_partial callback supports: single device; DDP in all its launch modes; FSDP2
+#: (``ModelParallelStrategy`` with ``tensor_parallel_size=1``).
+DEFAULT_FAMILIES: tuple[str, ...] = ("single", "ddp", "fsdp2")
+#: The supported families that shard parameters: every rank must issue the same collectives.
+SHARDED_FAMILIES: tuple[str, ...] = ("fsdp2",)
 
 
 def strategy_family(trainer: Any) -> str:
@@ -60,18 +84,29 @@ def strategy_family(trainer: Any) -> str:
     return "other"
 
 
-_FIXES = {
-    "deepspeed": "DeepSpeed partitions parameters and optimizer state outside Lightning's hooks",
-    "fsdp1": "FSDP1 flattens parameters into shards",
-    "fsdp2": "FSDP2 shards parameters",
+_WHY = {
+    "deepspeed": "DeepSpeed partitions parameters, gradients and optimizer state in its own engine, outside the "
+    "Lightning hooks lit_partial acts in",
+    "fsdp1": "FSDP1 flattens parameters into FlatParameters, so masks, freezing and per-parameter state would see "
+    "flat shards instead of the model's parameters (Lightning's FSDPStrategy also runs on GPUs only)",
+    "fsdp2": "it shards parameters",
 }
+_FSDP2_FIX = (
+    "ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with "
+    "torch.distributed.fsdp.fully_shard applied in the LightningModule's configure_model (FSDP2)"
+)
 
 
 def check_supported_strategy(trainer: Any, who: str, supported: tuple[str, ...] = DEFAULT_FAMILIES) -> None:
     """Raise before training when ``who`` cannot be correct under the trainer's strategy.
 
+    Under ``ModelParallelStrategy`` only data parallelism is supported: a tensor-parallel mesh dimension larger
+    than 1 is refused (each rank would hold slices of activations, so statistics, selected samples and byte
+    counts would be computed on slices, and tensor-parallel parameters are sharded along dimensions masks do not
+    follow yet).
+
     Args:
-        trainer: The Lightning trainer.
+        trainer: The Lightning trainer (its strategy's environment is set up: ``Callback.setup`` or later).
         who: The callback's name, for the message.
         supported: Strategy families (see :func:`strategy_family`) ``who`` supports.
 
@@ -80,14 +115,51 @@ def check_supported_strategy(trainer: Any, who: str, supported: tuple[str, ...] 
     """
     family = strategy_family(trainer)
     if family in supported:
+        if family == "fsdp2":
+            _check_data_parallel_only(trainer, who)
         return
-    why = f" ({_FIXES[family]})" if family in _FIXES else ""
+    why = f" ({_WHY[family]})" if family in _WHY else ""
+    fixes = ["Trainer(strategy='ddp')" if "ddp" in supported else ""]
+    fixes.append(_FSDP2_FIX if "fsdp2" in supported else "")
+    fix = " or ".join(f for f in fixes if f) or "a single device"
     raise UnsupportedStrategyError(
         f"{who} does not support strategy {family!r} ({type(trainer.strategy).__name__}){why}; supported "
-        f"families: {', '.join(supported)}. Fix: use Trainer(strategy='ddp') or strategy='ddp_spawn'"
-        + (", or ModelParallelStrategy (FSDP2)" if "fsdp2" in supported else "")
-        + f", or drop {who} from the callbacks."
+        f"families: {', '.join(supported)}. Fix: use {fix}, or drop {who} from the callbacks."
     )
+
+
+def _check_data_parallel_only(trainer: Any, who: str) -> None:
+    tensor_parallel = tensor_parallel_size(trainer)
+    if tensor_parallel > 1:
+        raise UnsupportedStrategyError(
+            f"{who} supports ModelParallelStrategy for data parallelism (FSDP2) only, but its device mesh has "
+            f"tensor_parallel_size={tensor_parallel}: with tensor parallelism each rank holds slices of activations "
+            "and parameters, which statistics, sample selection and masks do not follow. (ModelParallelStrategy() "
+            "without arguments means tensor_parallel_size = processes per node.) Fix: "
+            + _FSDP2_FIX.replace("<number of processes>", "<devices * num_nodes>")
+            + "."
+        )
+
+
+def tensor_parallel_size(trainer: Any) -> int:
+    """The size of the ``"tensor_parallel"`` dimension of a ``ModelParallelStrategy``'s device mesh (1 if none).
+
+    Needs the strategy's environment to be set up (``Callback.setup`` or later).
+    """
+    try:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+    except RuntimeError:  # Lightning raises when the processes are not initialized yet
+        return 1
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return int(mesh["tensor_parallel"].size()) if mesh is not None and "tensor_parallel" in names else 1
+
+
+def is_sharded(trainer: Any) -> bool:
+    """True under a strategy that shards parameters (FSDP2): every rank must then take the same decisions.
+
+    Objects without a ``strategy`` (e.g. a stand-in trainer in a test) count as not sharded.
+    """
+    return getattr(trainer, "strategy", None) is not None and strategy_family(trainer) in SHARDED_FAMILIES
 
 
 def world_size() -> int:
@@ -192,3 +264,255 @@ def allow_unused_parameters(trainer: Any, who: str, reason: str) -> bool:
 
 
 __all__ += ["allow_unused_parameters"]
+
+
+# --- sharded tensors (FSDP2 DTensor parameters) ------------------------------------------------------------
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (e.g. a parameter after ``fully_shard``)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view sharing its storage and version counter), or ``t`` itself.
+
+    In-place writes to the result (under ``torch.no_grad()``) write the DTensor's local shard.
+    """
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (an all-gather: call it on every rank), or ``t`` itself."""
+    if not is_dtensor(t):
+        return t
+    if t.dtype == torch.bool:  # gloo cannot gather bool
+        return t.to(torch.uint8).full_tensor().bool()  # type: ignore[attr-defined,no-any-return]
+    return t.full_tensor()  # type: ignore[attr-defined,no-any-return]
+
+
+def shard_like(t: torch.Tensor, param: torch.Tensor, *, src_data_rank: int | None = 0) -> torch.Tensor:
+    """``t`` (a full tensor that broadcasts to the full ``param``) sharded like the DTensor ``param``.
+
+    Each sharded dimension of ``param`` shards the matching dimension of ``t`` (aligned from the right, as
+    broadcasting aligns them); where ``t`` has size 1 in that dimension (or lacks it) it is replicated, so the
+    local shard of ``t`` broadcasts to the local shard of ``param``. A mask ``(rows, 1)`` for a row-sharded
+    weight ``(rows, cols)`` is sharded by rows; a column mask ``(1, cols)`` is replicated.
+
+    Args:
+        t: The full tensor (any device; it is moved to the mesh's device type).
+        param: A DTensor parameter; a plain tensor returns ``t`` unchanged.
+        src_data_rank: The rank whose ``t`` is scattered to all (``0``: what rank 0 built wins, as with a
+            broadcast; a collective, call on every rank). ``None``: every rank takes its own shard of its own
+            ``t`` without communication (for a ``t`` that is identical on every rank by construction).
+    """
+    if not is_dtensor(param):
+        return t
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    offset = param.dim() - t.dim()
+    placements: list[Any] = []
+    for placement in param.placements:  # type: ignore[attr-defined]
+        dim = (placement.dim % param.dim()) - offset if isinstance(placement, Shard) else -1
+        placements.append(Shard(dim) if dim >= 0 and t.shape[dim] != 1 else Replicate())
+    source = t.detach().to(mesh.device_type)
+    as_bool = source.dtype == torch.bool
+    if as_bool and src_data_rank is not None:
+        source = source.to(torch.uint8)  # gloo cannot scatter or broadcast bool
+    sharded = distribute_tensor(source, mesh, placements, src_data_rank=src_data_rank)
+    return sharded.bool() if as_bool and sharded.dtype != torch.bool else sharded
+
+
+__all__ += ["full_tensor", "is_dtensor", "local_tensor", "shard_like", "tensor_parallel_size"]
+
+
+# --- decisions every rank takes the same way (sharded strategies) ------------------------------------------
+
+
+def global_statistic(stat: str, x: torch.Tensor) -> torch.Tensor:
+    """A statistic of the union of every rank's ``x`` (one small all-reduce; call on every rank).
+
+    Equals the statistic of all ranks' tensors concatenated, as one process holding the whole global batch
+    would compute it (in float64, so it may differ from a float32 single-process value in the last bits).
+
+    Args:
+        stat: One of ``"mean"``, ``"abs_mean"``, ``"max"``, ``"min"``, ``"std"`` (unbiased), ``"norm"``.
+        x: This rank's tensor (any shape; may be empty on some ranks).
+
+    Returns:
+        A 0-d float64 tensor on ``x``'s device, identical on every rank.
+    """
+    x = x.detach().to(torch.float64)
+    if stat in ("max", "min"):
+        fill = float("-inf") if stat == "max" else float("inf")
+        value = (x.max() if stat == "max" else x.min()) if x.numel() else torch.tensor(fill, device=x.device)
+        if world_size() > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX if stat == "max" else dist.ReduceOp.MIN)
+        return value
+    total = x.abs().sum() if stat == "abs_mean" else x.sum()
+    sums = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), total, (x * x).sum()])
+    if world_size() > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    n, s, ss = sums.unbind()
+    if stat in ("mean", "abs_mean"):
+        return s / n
+    if stat == "norm":
+        return ss.sqrt()
+    if stat == "std":
+        return ((ss - s * s / n).clamp_min(0.0) / (n - 1)).sqrt()
+    raise ValueError(f"unknown statistic {stat!r}; expected mean, abs_mean, max, min, std or norm.")
+
+
+def holds_on_all_ranks(condition: Any, ctx: Any, x: torch.Tensor | None, salt: str = "") -> bool:
+    """Decide ``condition`` once for all ranks: every rank returns the same bool (call on every rank).
+
+    Conditions that are functions of the step only (windows, every-n, seeded probability, always/never) are
+    evaluated locally: they agree by construction, without communication. A statistic condition is decided
+    on :func:`global_statistic` of the activation over all ranks. Any other condition (e.g. one reading a
+    per-rank value) holds when it holds on some rank (an all-reduce of the local decisions). ``all`` / ``any``
+    combine their parts, each already agreed, so every rank runs the same collectives in the same order.
+
+    Args:
+        condition: A :class:`lit_partial.conditions.Condition`.
+        ctx: The :class:`lit_partial.conditions.StepContext`.
+        x: The activation the condition looks at (needed by statistics).
+        salt: The rule's name (seeds probability draws).
+    """
+    from lit_partial.conditions import (
+        COMPARISONS,
+        AllOf,
+        Always,
+        AnyOf,
+        EpochWindow,
+        EveryNSteps,
+        Never,
+        Probability,
+        Statistic,
+        StepWindow,
+    )
+
+    if isinstance(condition, Always | Never | EpochWindow | StepWindow | EveryNSteps | Probability):
+        return bool(condition(ctx, None, salt=salt))
+    if isinstance(condition, Statistic) and x is not None:
+        return bool(COMPARISONS[condition.op](global_statistic(condition.stat, x), condition.value))
+    if isinstance(condition, AnyOf):  # before AllOf: AnyOf subclasses it
+        return any(holds_on_all_ranks(c, ctx, x, salt) for c in condition.conditions)
+    if isinstance(condition, AllOf):
+        return all(holds_on_all_ranks(c, ctx, x, salt) for c in condition.conditions)
+    local = bool(condition(ctx, x if condition.needs_activation else None, salt=salt))
+    if world_size() == 1:
+        return local
+    device = x.device if x is not None else _collective_device()
+    flag = torch.tensor([float(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _collective_device() -> torch.device:
+    """The device collectives of the default group run on (``cuda`` for NCCL, else ``cpu``)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+__all__ += ["global_statistic", "holds_on_all_ranks"]
+
+
+# --- per-rank state in checkpoints -------------------------------------------------------------------------
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``all_gather_object``: a collective, call it on every rank).
+
+    For state that differs per rank (e.g. a rank's own samples) in a checkpoint, which Lightning writes from
+    rank 0 only: each callback ``state_dict`` call happens on every rank when Lightning saves. Tensors are
+    moved to the CPU first, so the result unpickles on any rank. ``[obj]`` when not distributed.
+    """
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    obj = move_data_to_device(obj, torch.device("cpu"))
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+__all__ += ["gather_objects", "rank"]
+
+
+# --- resuming a sharded checkpoint --------------------------------------------------------------------------
+
+
+def load_missing_optimizer_state(model: torch.nn.Module, optimizers: Sequence[Any], path: Any) -> list[str]:
+    """Load the optimizer state of parameters that have none now from a distributed checkpoint folder.
+
+    Lightning's ``ModelParallelStrategy`` restores a sharded checkpoint before callbacks restore their state,
+    into a template of the optimizer state that exists at that moment (``torch.distributed.checkpoint``
+    initializes it with one zero-gradient step of the parameters that require gradients). A parameter that
+    was frozen at fit start but trained before the checkpoint (unfrozen by a schedule) has no state then, so
+    its saved moments are silently not read. Call this after making the parameters trainable again: it reads
+    exactly those entries (``optimizer_<i>.state.<name>.*``) from the checkpoint, resharded to this run's layout,
+    and sets them. A collective: call it on every rank, with the same parameters missing on every rank.
+
+    Args:
+        model: The sharded LightningModule (parameter names as in the checkpoint).
+        optimizers: ``trainer.optimizers``, in order (Lightning saves them as ``optimizer_0``, ``optimizer_1``, ...).
+        path: The checkpoint folder Lightning wrote (``save_distributed_checkpoint=True``, the default). A
+            single-file checkpoint (full state on rank 0) is left alone: nothing is read.
+
+    Returns:
+        The names of the parameters whose state was loaded.
+    """
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    folder = Path(path) if path is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    names = {id(p): n for n, p in model.named_parameters()}
+    loaded: list[str] = []
+    for index, optimizer in enumerate(optimizers):
+        key = f"optimizer_{index}"
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        missing = {names[id(p)]: p for p in params if id(p) in names and p not in optimizer.state}
+        template: dict[str, dict[str, Any]] = {}
+        for flat, where in metadata.planner_data.items():
+            if len(where) != 4 or where[0] != key or where[1] != "state" or where[2] not in missing:
+                continue
+            entry = metadata.state_dict_metadata[flat]
+            param = missing[where[2]]
+            if not isinstance(entry, TensorStorageMetadata):
+                value: Any = None  # a pickled value: read as is
+            elif tuple(entry.size) == tuple(param.shape):  # a moment: shard it like its parameter
+                value = torch.empty_like(param, dtype=entry.properties.dtype)
+            else:  # e.g. Adam's step counter
+                value = torch.empty(entry.size, dtype=entry.properties.dtype)
+            template.setdefault(where[2], {})[where[3]] = value
+        if not template:
+            continue
+        wrapped = {key: {"state": template}}
+        dcp_load(wrapped, checkpoint_id=str(folder))
+        state = get_optimizer_state_dict(model, optimizer)
+        state["state"].update(wrapped[key]["state"])  # type: ignore[union-attr]  # "state" maps names to dicts
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
+        loaded += sorted(template)
+    return loaded
+
+
+__all__ += ["load_missing_optimizer_state"]

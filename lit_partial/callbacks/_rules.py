@@ -30,7 +30,7 @@ from lit_partial.conditions import (
     StepContext,
     parse_condition,
 )
-from lit_partial.distributed import allow_unused_parameters
+from lit_partial.distributed import allow_unused_parameters, holds_on_all_ranks
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
 from lit_partial.module import PartialBackpropMixin
@@ -121,6 +121,10 @@ def sample_mask(cond: Condition, ctx: StepContext, x: Tensor, salt: str) -> Tens
 def decide(rule: Rule, ctx: StepContext, x: Tensor | None, salt: str) -> bool | Tensor:
     """Whether ``rule`` holds now: a bool, or a ``(B,)`` bool tensor for per-sample rules.
 
+    Under a sharded strategy (``ctx.sharded``, FSDP2) a whole-batch decision is the same on every rank (a
+    statistic is computed over all ranks' activations); per-sample decisions stay per rank, since they never
+    change which parameters get gradients.
+
     Raises:
         ConditionError: If the rule needs an activation and ``x`` holds no floating-point tensor.
     """
@@ -133,6 +137,8 @@ def decide(rule: Rule, ctx: StepContext, x: Tensor | None, salt: str) -> bool | 
         if x.dim() == 0:  # type: ignore[union-attr]
             raise ConditionError(f"per-sample rule {rule.key!r} on {salt!r} got a 0-d tensor; it needs a batch dim.")
         return sample_mask(rule.condition, ctx, x, salt)  # type: ignore[arg-type]
+    if ctx.sharded:  # FSDP2: ranks deciding differently would issue different collectives and hang
+        return holds_on_all_ranks(rule.condition, ctx, x, salt)
     return bool(rule.condition(ctx, x if rule.condition.needs_activation else None, salt=salt))
 
 

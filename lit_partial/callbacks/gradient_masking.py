@@ -11,6 +11,12 @@ the real torch optimizers in ``trainer.optimizers`` get step pre/post hooks that
 bit-identical (:func:`~lit_partial.functional.masking.guard_masked_elements`); they are removed in
 ``teardown``.
 
+Under FSDP2 (``ModelParallelStrategy``), ``fully_shard`` replaces the parameters in ``configure_model``,
+after ``setup``: selectors are checked in ``setup``, but masks are built in ``on_fit_start`` from the
+sharded parameters. Each static mask is built once from the full parameter (gathered), then sharded like
+it (scattered from rank 0, as DDP broadcasts rank 0's masks); ``where`` masks are computed on each rank's
+local shard. Kernels run on local shards without communication.
+
 Example:
     >>> import torch
     >>> cb = GradientMasking({"head.1.weight": {"kind": "rows", "index": [0, 1]},
@@ -37,7 +43,15 @@ from typing_extensions import override
 from lit_partial._compat import non_finite_check_and_unscale_, scaler_found_inf_per_device
 from lit_partial._plain import to_plain
 from lit_partial.callbacks.base import Technique
-from lit_partial.distributed import broadcast_parameters, world_size
+from lit_partial.distributed import (
+    broadcast_parameters,
+    full_tensor,
+    is_dtensor,
+    is_sharded,
+    local_tensor,
+    shard_like,
+    world_size,
+)
 from lit_partial.errors import UsageError
 from lit_partial.functional.mask_builders import (
     MASK_FORMS,
@@ -63,10 +77,11 @@ class _Masked:
     selector: str
     name: str
     param: nn.Parameter
-    mask: Tensor | None = None
+    mask: Tensor | None = None  # a DTensor sharded like the parameter when the parameter is one
     dynamic: dict[str, Any] | None = None  # a "where" spec, rebuilt from the weights at every step
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
+    frozen: int = 0  # masked elements (over all ranks), counted when the mask is built, loaded or logged
 
 
 class GradientMasking(Technique):
@@ -162,6 +177,11 @@ class GradientMasking(Technique):
 
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if is_sharded(trainer):  # fully_shard replaces the parameters later (configure_model): build then
+            for selector in self._sources:
+                select_parameters(pl_module, selector)  # unknown selectors still fail here, before anything runs
+            self._entries = []
+            return
         self._entries = self._build(pl_module)
         self._record_counts(pl_module)
 
@@ -171,7 +191,7 @@ class GradientMasking(Technique):
         for selector in self._sources:
             group = [e for e in self._entries if e.selector == selector and e.mask is not None]
             total = sum(e.param.numel() for e in group)
-            frozen = sum(count_masked(e.param, e.mask) for e in group if e.mask is not None)
+            frozen = sum(e.frozen for e in group)
             if total:
                 lines.append(
                     f"GradientMasking {selector}: {frozen:,} of {total:,} elements masked "
@@ -196,22 +216,31 @@ class GradientMasking(Technique):
                 entry = _Masked(selector, name, param)
                 if is_dynamic_spec(source):
                     entry.dynamic = source
-                    entry.mask = build_where_mask(param, source["op"], source["value"])
+                    entry.mask = _where_mask(param, source)
                 else:
-                    entry.mask = resolve_mask_source(selector, source, name, param)
+                    full = full_tensor(param.detach())  # sharded: gathered (every rank, same order)
+                    mask = resolve_mask_source(selector, source, name, full)
+                    entry.frozen = count_masked(full, mask)
+                    entry.mask = shard_like(mask, param)  # sharded: rank 0's mask, scattered like the parameter
                 entries.append(entry)
         for note in describe_ties(model, [(e.name, e.param) for e in entries]):
             rank_zero_info(f"GradientMasking: {note}; its mask is kept under its first name in masks and checkpoints.")
         return entries
 
     def _record_counts(self, model: nn.Module) -> None:
-        record_masked(model, {e.name: count_masked(e.param, e.mask) for e in self._entries})  # type: ignore[arg-type]
+        for e in self._entries:
+            if e.dynamic is not None:  # where masks change with the weights (sharded: counted over all ranks)
+                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]
+        record_masked(model, {e.name: e.frozen for e in self._entries})
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if is_sharded(trainer):  # the strategy has sharded the model: resolve the (new) parameters now
+            self._entries = self._build(pl_module)
+            self._record_counts(pl_module)
         for e in self._entries:  # the strategy has moved the model by now; masks follow their parameter
             e.mask = e.mask.to(e.param.device)  # type: ignore[union-attr]
-        if world_size() > 1:
+        if world_size() > 1 and not is_sharded(trainer):  # sharded masks were scattered from rank 0
             self._broadcast_static_masks()
         for index, optimizer in enumerate(trainer.optimizers):
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -232,7 +261,7 @@ class GradientMasking(Technique):
             if dynamic:
                 self.handles.add(optimizer.register_step_post_hook(self._stale_marker(mine)))
         total = sum(e.param.numel() for e in self._entries)
-        frozen = sum(count_masked(e.param, e.mask) for e in self._entries if e.mask is not None)
+        frozen = sum(e.frozen for e in self._entries)
         rank_zero_info(
             f"GradientMasking: {len(self._entries)} parameters masked, {frozen:,} of {total:,} elements frozen "
             f"({'strict: bit-identical for any optimizer' if self.strict else 'gradients only: exact for plain SGD'})."
@@ -244,6 +273,7 @@ class GradientMasking(Technique):
         broadcast_parameters(as_bytes)  # gloo cannot send bool; rank 0's masks win if ranks built differently
         for e, b in zip(static, as_bytes, strict=True):
             e.mask = b.bool()
+            e.frozen = count_masked(e.param, e.mask)
 
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
@@ -267,7 +297,7 @@ class GradientMasking(Technique):
         # in between, so both see the same mask.
         for e in entries:
             if e.dynamic is not None and not e.fresh:
-                e.mask = build_where_mask(e.param, e.dynamic["op"], e.dynamic["value"])
+                e.mask = _where_mask(e.param, e.dynamic)
                 e.fresh = True
 
     @override
@@ -287,9 +317,12 @@ class GradientMasking(Technique):
         by_selector: dict[str, list[_Masked]] = {}
         for e in entries:
             by_selector.setdefault(e.selector, []).append(e)
+        for e in entries:
+            if e.dynamic is not None:  # a collective when sharded: every rank logs at the same steps
+                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]
         for selector, group in by_selector.items():
             total = sum(e.param.numel() for e in group)
-            frozen = sum(count_masked(e.param, e.mask) for e in group if e.mask is not None)
+            frozen = sum(e.frozen for e in group)
             pl_module.log(f"masked_fraction/{selector}", frozen / total, on_step=True, on_epoch=False)
 
     @override
@@ -304,7 +337,9 @@ class GradientMasking(Technique):
 
     @override
     def technique_state(self) -> dict[str, Any]:
-        static = {e.name: e.mask.detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[union-attr]
+        # Full masks keyed by name. Sharded masks are gathered: a collective, and Lightning calls this on every
+        # rank when it saves a checkpoint (ModelParallelStrategy's save is collective itself).
+        static = {e.name: full_tensor(e.mask).detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[arg-type]
         return {"masks": static}
 
     @override
@@ -321,7 +356,10 @@ class GradientMasking(Technique):
         for name, mask in masks.items():
             if name in static:
                 e = static[name]
-                e.mask = as_bool_mask(mask, name, e.param)
+                mask = as_bool_mask(mask, name, e.param)
+                e.frozen = count_masked(e.param, mask)
+                # Every rank loaded the same checkpoint: each takes its own shard, without communication.
+                e.mask = shard_like(mask, e.param, src_data_rank=None)
 
 
 def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -339,11 +377,15 @@ def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> Non
     if not found_per_device:
         return
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    sharded = any(is_dtensor(g) for g in grads)
+    grads = [local_tensor(g) for g in grads]
     for device, found in found_per_device.items():
         on_device = [g for g in grads if g.device == device and not g.is_sparse]
         found.zero_()
         if on_device:
             non_finite_check_and_unscale_(on_device, found, torch.ones((), device=device))
+        if sharded and world_size() > 1:  # each rank saw its shard only: skip the step on all ranks or none
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
 
 
 def _describe(source: Any) -> Any:
@@ -356,3 +398,17 @@ def _describe(source: Any) -> Any:
     if isinstance(source, Path):
         return {"file": str(source)}
     return {"callable": getattr(source, "__qualname__", type(source).__name__)}
+
+
+def _where_mask(param: Tensor, spec: Mapping[str, Any]) -> Tensor:
+    """A ``where`` mask of ``param``'s current values; a sharded parameter's is computed on its local shard."""
+    local = build_where_mask(local_tensor(param), spec["op"], spec["value"])
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    sharded: Any = param
+    # No communication: each rank wraps its own shard, laid out like the parameter's.
+    return DTensor.from_local(
+        local, sharded.device_mesh, sharded.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )

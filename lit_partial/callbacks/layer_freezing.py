@@ -42,7 +42,14 @@ from lit_partial.callbacks._freezing_schedule import (
     progressive_freezing_schedule,
 )
 from lit_partial.callbacks.base import Technique
-from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, strategy_family, world_size
+from lit_partial.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    is_sharded,
+    load_missing_optimizer_state,
+    strategy_family,
+    world_size,
+)
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import (
     hold_eval,
@@ -50,6 +57,7 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
+from lit_partial.module import attached_trainer
 from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
@@ -421,9 +429,25 @@ class LayerFreezing(Technique):
         for name, p in params.items():
             set_requires_grad([p], name not in frozen)
         self._unsynced.clear()
+        self._load_sharded_optimizer_state(model)
         held = set(state["held_norms"])
         self._held = {n: n in held for n, m in model.named_modules() if n and is_running_stats_norm(m)}
         self._held_modules = [model.get_submodule(n) for n, h in self._held.items() if h]
         self._applied = list(state["applied"])
         self._pending = [i for i, done in enumerate(self._applied) if not done]
         self._events = list(state.get("events", []))
+
+    @staticmethod
+    def _load_sharded_optimizer_state(model: nn.Module) -> None:
+        # ModelParallelStrategy loads the optimizer state before this callback's state, into a template made while
+        # the parameters frozen in `setup` do not require gradients: the saved moments of parameters unfrozen before
+        # the checkpoint are skipped. Read them now that those parameters train again.
+        trainer = attached_trainer(model)
+        if trainer is None or not is_sharded(trainer):
+            return
+        loaded = load_missing_optimizer_state(model, trainer.optimizers, trainer.ckpt_path)
+        if loaded:
+            rank_zero_info(
+                f"LayerFreezing: loaded the checkpoint's optimizer state of {len(loaded)} parameters frozen at fit "
+                "start (the strategy restores optimizer state before callbacks, so it skipped them)."
+            )

@@ -43,7 +43,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
@@ -51,6 +51,7 @@ from typing_extensions import override
 from lit_partial.attach import register_batch_transform
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import uniform_draw
+from lit_partial.distributed import gather_objects, rank, world_size
 from lit_partial.errors import ConfigurationError, UsageError
 from lit_partial.functional.selection_sampling import (
     SamplePool,
@@ -337,7 +338,7 @@ class SelectiveBackprop(Technique):
 
     @override
     def technique_state(self) -> dict[str, Any]:
-        return {
+        mine = {
             "forward_samples": self.forward_samples,
             "backward_samples": self.backward_samples,
             "scored_samples": self.scored_samples,
@@ -345,9 +346,25 @@ class SelectiveBackprop(Technique):
             "history": self._history,
             "pool": None if self._pool is None else {"capacity": self._pool.capacity, **self._pool.state_dict()},
         }
+        if world_size() == 1:
+            return mine
+        # Each rank scores and pools its own samples, and Lightning writes rank 0's callback state only: keep every
+        # rank's (a collective; Lightning calls state_dict on every rank when it saves a checkpoint).
+        return {"per_rank": gather_objects(mine)}
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
+        if "per_rank" in state:
+            saved = state["per_rank"]
+            if len(saved) != world_size():
+                rank_zero_warn(
+                    f"SelectiveBackprop: the checkpoint holds the state of {len(saved)} ranks, this run has "
+                    f"{world_size()}; each rank continues from the saved rank of the same number (ranks beyond "
+                    "start with an empty loss history and pool), so the resumed run is not exact."
+                )
+            if rank() >= len(saved):
+                return
+            state = saved[rank()]
         self.forward_samples = int(state["forward_samples"])
         self.backward_samples = int(state["backward_samples"])
         self.scored_samples = int(state["scored_samples"])

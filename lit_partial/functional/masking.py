@@ -11,6 +11,10 @@ two tools:
 
 Masks are ``torch.bool`` tensors that broadcast to their parameter: ``True`` = may change.
 
+Sharded parameters (FSDP2's ``DTensor`` s) take masks sharded the same way (see
+:func:`lit_partial.distributed.shard_like`); every kernel then works on the local shards, with no
+communication, since masking is element-wise. Only :func:`count_masked` gathers (it counts over all ranks).
+
 The kernels select bits, never compute: tensors are viewed as same-width integers and multiplied by
 the mask viewed as 0/1 ``int8``. ``x * 1`` and ``x * 0`` are exact on integers, so NaN payloads, inf
 and ``-0.0`` survive or vanish bit for bit. (``grad * mask`` on floats would keep ``NaN * 0 = NaN``,
@@ -49,6 +53,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lit_partial._compat import foreach_mul_, version_counter
+from lit_partial.distributed import full_tensor, local_tensor
 from lit_partial.errors import UsageError
 
 __all__ = [
@@ -99,6 +104,7 @@ def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
         grad = param.grad
         if grad is None:
             continue
+        grad, mask = local_tensor(grad), local_tensor(mask)  # sharded: this rank's shards, element for element
         if grad.is_sparse:
             raise UsageError(
                 "mask_gradients got a sparse gradient; masks need dense gradients. "
@@ -125,10 +131,11 @@ def snapshot_masked(
         out: Buffers shaped like ``params`` to write into; reusing them across steps avoids allocating
             (and, on CPU, page-faulting) a parameter-sized tensor per step, which costs more than the copy.
     """
-    buffers = list(out) if out is not None else [torch.empty_like(p) for p in params]
+    params = [local_tensor(p) for p in params]
+    buffers = [local_tensor(b) for b in out] if out is not None else [torch.empty_like(p) for p in params]
     with torch.no_grad():
         for param, mask, snapshot in zip(params, masks, buffers, strict=True):
-            _snapshot_into(param, _frozen_01(mask), snapshot)
+            _snapshot_into(param, _frozen_01(local_tensor(mask)), snapshot)
     return buffers
 
 
@@ -147,18 +154,21 @@ def restore_masked(params: Sequence[Tensor], masks: Sequence[Tensor], snapshots:
     """
     with torch.no_grad():
         for param, mask, snapshot in zip(params, masks, snapshots, strict=True):
-            bits = _bits(param)
+            bits = _bits(local_tensor(param))
             # snapshot is 0 where mask is 1 and param*mask is 0 where mask is 0: one pass, no overlap.
-            torch.addcmul(_bits(snapshot), bits, _as_01(mask), out=bits)
+            torch.addcmul(_bits(local_tensor(snapshot)), bits, _as_01(local_tensor(mask)), out=bits)
 
 
 def count_masked(param: Tensor, mask: Tensor) -> int:
     """How many elements of ``param`` the (broadcasting) ``mask`` freezes.
 
+    A sharded ``mask`` (DTensor) is gathered first: a collective, so call it on every rank.
+
     Example:
         >>> count_masked(torch.zeros(4, 3), torch.tensor([[True], [False], [False], [True]]))
         6
     """
+    mask = full_tensor(mask)
     kept = int((mask if mask.dtype == torch.bool else mask != 0).sum()) * (param.numel() // max(mask.numel(), 1))
     return param.numel() - kept
 
@@ -213,9 +223,7 @@ def guard_masked_elements(optimizer: Optimizer, masks: MaskPairs, reuse_snapshot
                     slot = slots.get(id(param))
                     if slot is None:
                         slot = slots[id(param)] = _Slot()
-                    slot.take(
-                        param, (mask if mask.dtype == torch.bool else mask != 0).to(param.device), reuse_snapshots
-                    )
+                    slot.take(param, mask, reuse_snapshots)
                     guarded.append((param, slot))
         pending[:] = [guarded]
 
@@ -237,17 +245,22 @@ class _Slot:
     Masked values never change, so after a restore the buffer still holds them; the next step re-reads the
     parameter only if the mask changed or the parameter was written in place since (its version counter moved,
     e.g. ``load_state_dict``, or its storage was swapped). That halves the strict cost for static masks.
+    Sharded parameters and masks are handled through their local shards (the buffer holds this rank's shard).
     """
 
     def __init__(self) -> None:
         self.buffer: Tensor | None = None
-        self.mask: Tensor | None = None
+        self.source: Tensor | None = None  # the mask object as given (identity tells a new mask)
+        self.mask: Tensor | None = None  # its local bool tensor on the parameter's device
         self.frozen: Tensor | None = None
         self.stamp: tuple[int, int] | None = None
 
     def take(self, param: Tensor, mask: Tensor, reuse: bool) -> None:
-        if mask is not self.mask:
-            self.mask, self.frozen, self.stamp = mask, _frozen_01(mask), None
+        param = local_tensor(param)
+        if mask is not self.source:
+            local = local_tensor(mask)
+            local = (local if local.dtype == torch.bool else local != 0).to(param.device)
+            self.source, self.mask, self.frozen, self.stamp = mask, local, _frozen_01(local), None
         buf = self.buffer
         if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
             self.buffer, self.stamp = torch.empty_like(param), None
@@ -255,6 +268,7 @@ class _Slot:
             _snapshot_into(param, self.frozen, self.buffer)  # type: ignore[arg-type]
 
     def put_back(self, param: Tensor) -> None:
+        param = local_tensor(param)
         bits = _bits(param)
         torch.addcmul(_bits(self.buffer), bits, _as_01(self.mask), out=bits)  # type: ignore[arg-type]
         self.stamp = (version_counter(param), param.data_ptr())
