@@ -88,7 +88,7 @@ _WHY = {
     "deepspeed": "DeepSpeed partitions parameters, gradients and optimizer state in its own engine, outside the "
     "Lightning hooks lit_partial acts in",
     "fsdp1": "FSDP1 flattens parameters into FlatParameters, so masks, freezing and per-parameter state would see "
-    "flat shards instead of the model's parameters (Lightning's FSDPStrategy also runs on GPUs only)",
+    "flat shards instead of the model's parameters; Lightning's FSDPStrategy also runs on GPUs only",
     "fsdp2": "it shards parameters",
 }
 _FSDP2_FIX = (
@@ -350,7 +350,7 @@ def global_statistic(stat: str, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().to(torch.float64)
     if stat in ("max", "min"):
         fill = float("-inf") if stat == "max" else float("inf")
-        value = (x.max() if stat == "max" else x.min()) if x.numel() else torch.tensor(fill, device=x.device)
+        value = (x.max() if stat == "max" else x.min()) if x.numel() else x.new_tensor(fill)  # float64 on all ranks
         if world_size() > 1:
             dist.all_reduce(value, op=dist.ReduceOp.MAX if stat == "max" else dist.ReduceOp.MIN)
         return value
