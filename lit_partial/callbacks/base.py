@@ -6,6 +6,13 @@ every technique needs and none should write again:
 * **Stage guard and strategy check.** :meth:`Technique.setup` acts for ``fit`` only and refuses, before
   anything runs, a strategy outside :attr:`Technique.supported_strategies` (families from
   :func:`lit_partial.distributed.strategy_family`), naming it and the fix. Then it calls :meth:`attach`.
+* **When the model is ready.** ``setup`` (and so :meth:`attach`) runs before ``configure_model``: under DDP
+  that is the last point before the model is wrapped, but under FSDP2 (``ModelParallelStrategy``)
+  ``fully_shard`` has not yet replaced the parameters by sharded ``DTensor`` parameters. Modules, names and
+  hooks survive sharding; parameter *objects* do not, so a technique that holds parameters resolves them again
+  in ``on_fit_start`` (the strategy has set up the model and the optimizers by then) when
+  :func:`lit_partial.distributed.is_sharded` says so. A checkpoint's state reaches :meth:`load_technique_state`
+  before ``on_fit_start`` under DDP, after it under FSDP2.
 * **Handles.** Everything :meth:`attach` puts on the model (forward hooks, forward wrappers, gates, batch
   transforms, optimizer hooks) goes into :attr:`Technique.handles`; ``teardown`` and ``on_exception`` remove
   it last-first, so after ``fit`` (or a failed ``fit``) every module is exactly as it was.
