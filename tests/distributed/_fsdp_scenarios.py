@@ -8,7 +8,8 @@ Once launched, one process group serves every run: each scenario is trained with
 (about a second per fit). Each rank trains on its own data (rank 0 shifted up, rank 1 down, so a statistic
 rule decides differently per rank) and writes, per scenario and strategy, ``{scenario}-{strategy}-rank{r}.pt``:
 the full parameters and buffers (sharded ones gathered), the initial ones, the full masks of GradientMasking,
-and what the callbacks counted. ``resume`` trains 4 epochs straight, and 2 + (save, resume) 2 under FSDP2.
+and what the callbacks counted. ``resume`` trains 4 epochs straight, and 2 + (save, resume) 2, under DDP,
+under FSDP2 with a sharded checkpoint (a folder, the default) and with a full-state one (``fsdp2-full``).
 """
 
 from __future__ import annotations
@@ -241,9 +242,11 @@ RESUME_CALLBACKS: Callable[[], list[Callback]] = lambda: [  # noqa: E731
 
 
 def make_strategy(name: str) -> Any:
-    """``"fsdp2"``: ModelParallelStrategy, data parallel over 2 processes; ``"ddp"``: plain DDP."""
-    if name == "fsdp2":
-        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    """``"fsdp2"``: ModelParallelStrategy, data parallel over 2 processes (``"fsdp2-full"``: saving full-state
+    checkpoint files instead of sharded folders); ``"ddp"``: plain DDP."""
+    if name.startswith("fsdp2"):
+        full = name == "fsdp2-full"
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not full)
     return name
 
 
@@ -282,7 +285,7 @@ def main(out: Path, only: list[str] | None, strategies: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in [*SCENARIOS, "resume"] if only is None or n in only]
     for name in names:
-        for strategy in strategies:
+        for strategy in [*strategies, "fsdp2-full"] if name == "resume" and "fsdp2" in strategies else strategies:
             start = time.perf_counter()
             if name == "resume":
                 fit(strategy, RESUME_CALLBACKS(), 4, out / f"resume-{strategy}-straight-rankRANK.pt")
