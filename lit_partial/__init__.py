@@ -21,6 +21,7 @@ from lit_partial.errors import (
 )
 from lit_partial.module import PartialBackpropMixin
 from lit_partial.selection import select_modules, select_parameters
+from lit_partial.strategies import FSDP2Strategy
 from lit_partial.summary import summarize
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "Condition",
     "ConditionError",
     "ConfigurationError",
+    "FSDP2Strategy",
     "Handle",
     "Handles",
     "LitPartialError",

@@ -27,6 +27,8 @@ __all__ = ["MainConfig", "PathsConfig", "register_configs", "trainer_schema"]
 
 #: Trainer arguments the main job builds from other config groups (``logger``, ``callbacks``, ``partial``).
 _BUILT_ELSEWHERE = {"self", "logger", "callbacks", "plugins"}
+#: Trainer arguments that take a name or a strategy object: a ``_target_`` node the main job instantiates.
+_NAME_OR_OBJECT = {"strategy"}
 _PRIMITIVES = (bool, int, float, str)
 
 
@@ -58,7 +60,7 @@ def trainer_schema() -> type:
         if name in _BUILT_ELSEWHERE or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         default = param.default
-        yaml_type = _yaml_type(hints.get(name, Any))
+        yaml_type = Any if name in _NAME_OR_OBJECT else _yaml_type(hints.get(name, Any))
         if not isinstance(default, (*_PRIMITIVES, type(None))):  # e.g. a timedelta default: not representable
             default, yaml_type = None, Any
         fields.append((name, yaml_type, field(default=default)))

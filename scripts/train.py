@@ -85,6 +85,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += _instantiate_all(cfg.get("partial"), Callback, "partial")
     loggers = _instantiate_all(cfg.get("logger"), Logger, "logger")
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, Mapping) and "_target_" in strategy:  # a strategy object, e.g. trainer=fsdp
+        trainer_kwargs["strategy"] = instantiate(strategy)  # type: ignore[index]
     trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)  # type: ignore[arg-type]
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lit_partial.examples.models import DigitsCNN
+from lit_partial.examples.models import ConvBlock, DigitsCNN, ResidualConvBlock
 from lit_partial.module import PartialBackpropMixin
 
 __all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits_tensors"]
@@ -125,6 +125,27 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
         net = DigitsCNN(channels=list(channels), num_classes=10, dropout=dropout, residual_blocks=residual_blocks)
         self.backbone, self.head = net.backbone, net.head
         self.val_acc = MulticlassAccuracy(num_classes=10)
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` every block with parameters, then the root.
+
+        Lightning calls this after the callbacks' ``setup`` and before the optimizers; under any other strategy
+        (no device mesh) it does nothing. One call per block lets FSDP2 all-gather one block at a time.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self, FSDPModule):  # configure_model runs again for a second fit / validate: already sharded
+            return
+        residual = [m for m in self.backbone.modules() if isinstance(m, ResidualConvBlock)]
+        inner = {id(m) for r in residual for m in r.modules()}
+        convs = [m for m in self.backbone.modules() if isinstance(m, ConvBlock) and id(m) not in inner]
+        for block in [*convs, *residual, self.head]:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self, mesh=mesh["data_parallel"])
 
     @override
     def forward(self, x: Tensor) -> Tensor:

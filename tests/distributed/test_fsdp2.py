@@ -28,6 +28,8 @@ SCRIPT = Path(__file__).with_name("_fsdp_scenarios.py")
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600  # all scenarios under both strategies take ~1-2 min on 2 shared cores; a hang hits this
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S + 120)]
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
