@@ -347,10 +347,16 @@ def parse_condition(spec: Any) -> Condition:
     """
     if isinstance(spec, Condition):
         return spec
-    if spec in ("always", True):
+    # Compare by type, not ==: 1 == 1.0 == True, so `spec in ("always", True)` would read 1.0 as "always".
+    if spec is True or (isinstance(spec, str) and spec == "always"):
         return Always()
-    if spec in ("never", False):
+    if spec is False or (isinstance(spec, str) and spec == "never"):
         return Never()
+    if isinstance(spec, int | float):
+        raise ConditionError(
+            f"invalid condition {spec!r}: a bare number is not a condition; write true/\"always\" or false/\"never\", or e.g. "
+            f"{{\"probability\": {spec}}} for a random draw. Valid forms: {VALID_FORMS}."
+        )
     spec = to_plain(spec)
     if isinstance(spec, Mapping):
         for key, (allowed, build) in _FORMS.items():

@@ -1,120 +1,238 @@
-"""The main job: train with partial backprop, configured by Hydra (``conf/``).
+"""The main job: transfer learning on digits with partial backprop, configured by Hydra (``conf/``).
 
-    python scripts/train.py                                       # plain training
-    python scripts/train.py partial=freeze_then_unfreeze          # a technique preset
-    python scripts/train.py trainer.devices=2 trainer.strategy=ddp_spawn
-    python scripts/train.py --cfg job                             # print the composed config
+    python scripts/train.py partial=freeze_backbone                # fine-tune only the head of a pretrained CNN
+    python scripts/train.py -m partial=none,freeze_backbone,gradual_unfreeze   # + comparison.md/.png
+    python scripts/train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume, exactly
+    python scripts/train.py --cfg job                              # print the composed config
 
-It ends by printing the final metrics one per line as ``name: value`` and the table of what took part
-in backprop. ``train(cfg)`` does the work and can be called from Python with a composed config.
+Stage 1 pretrains the model on digits 0-4 (``pretrain``; cached, see ``scripts/pretrain.py``), stage 2
+fine-tunes it on digits 5-9 with the techniques of ``partial``. Every ``_target_`` is checked before anything
+is built (``lit_partial.config.check_targets``). The run ends by printing the final metrics one per line as
+``name: value``, the table of what took part in backprop, what each technique did, and the output folder;
+the same lines are in ``<output folder>/train.log``. ``train(cfg)`` does the work and can be called from
+Python with a composed config.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import logging
+import math
 import sys
-from collections.abc import Mapping
+import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
-import lightning as L
-import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lit_partial.conditions import ConditionError
-from lit_partial.config import register_configs
-from lit_partial.distributed import UnsupportedStrategyError
-from lit_partial.selection import SelectorError
-from lit_partial.summary import format_summary, summarize
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from lit_partial.config import check_targets, register_configs  # noqa: E402
+from lit_partial.errors import ConfigurationError  # noqa: E402
+from lit_partial.summary import format_summary, summarize  # noqa: E402
+from scripts.cli import run_cli  # noqa: E402
+from scripts.costs import CostMeter  # noqa: E402
+from scripts.pretrain import ensure_pretrained, load_pretrained  # noqa: E402
+from scripts.resume import RngState  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+GROUPS = ("model", "data", "partial", "callbacks", "logger", "trainer")
 
-#: Errors that mean "the configuration is wrong": reported as one message, without a traceback.
-USER_ERRORS = (
-    SelectorError,
-    ConditionError,
-    UnsupportedStrategyError,
-    InstantiationException,
-    MisconfigurationException,
-    ValueError,
-    TypeError,
-)
+log = logging.getLogger("train")
 
 register_configs()
 
+#: Lightning messages and warnings that say nothing about this job (tips, accelerator banners, the tiny data set).
+_NOISE = (
+    "Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "You are using a CUDA device",
+    "does not have many workers",
+    "is smaller than the logging interval",
+    "litlogger",
+    "LeafSpec",
+    "GPU available but not used",
+)
 
-def _instantiate_all(node: Any, kind: type, group: str) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a config group (a mapping of name -> config)."""
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(marker in message for marker in _NOISE)
+
+
+def _configure_logging() -> logging.Handler | None:
+    """Route Lightning's messages and Python warnings into the job's log; silence the noise.
+
+    Under Hydra (``python scripts/train.py``) the job's handlers write the console and ``train.log``. Called from
+    Python without Hydra, a plain stdout handler is added to the ``train`` logger and returned, to be removed.
+    """
+    for marker in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{marker}.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    log.setLevel(logging.INFO)
+    if not HydraConfig.initialized():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        return handler
+    logging.captureWarnings(True)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # their own stderr handlers: log via root
+        lightning_log = logging.getLogger(name)
+        for h in list(lightning_log.handlers):
+            lightning_log.removeHandler(h)
+        lightning_log.propagate = True
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropNoise) for f in h.filters):
+            h.addFilter(_DropNoise())
+    return None
+
+
+def _instantiate_group(node: Any, group: str) -> list[Any]:
+    """Instantiate every entry of a ``name -> config`` group (targets were checked by ``check_config``)."""
     if not node:
         return []
     objects = []
     for name, conf in node.items():
         if conf is None:  # an entry switched off from the command line: partial.freeze_backbone=null
             continue
-        if not isinstance(conf, Mapping) or "_target_" not in conf:
-            raise ValueError(f"{group}.{name} must be a config with a `_target_`, got {conf!r}.")
-        obj = instantiate(conf)
-        if not isinstance(obj, kind):
-            raise TypeError(f"{group}.{name} built a {type(obj).__name__}, expected a {kind.__name__}.")
-        objects.append(obj)
+        if not hasattr(conf, "keys") or "_target_" not in conf:
+            raise ConfigurationError(
+                f"{group}.{name} must be a config with a `_target_`, got {conf!r}; or null to switch it off."
+            )
+        objects.append(instantiate(conf, _convert_="all"))
     return objects
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Build everything from ``cfg``, fit, print the final metrics and the backprop summary.
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before anything is built.
+
+    Raises:
+        ConfigurationError: A ``_target_`` outside the allowed roots or of the wrong kind (naming the key), a group
+            entry without ``_target_``, a ``ckpt_path`` that is not a file, a learning-rate monitor without a logger.
+    """
+    check_targets(cfg, extra_roots=list(cfg.get("extra_target_roots") or ()), groups=GROUPS)
+    for group in ("partial", "callbacks", "logger"):
+        for name, conf in (cfg.get(group) or {}).items():
+            if conf is not None and (not hasattr(conf, "keys") or "_target_" not in conf):
+                raise ConfigurationError(
+                    f"{group}.{name} must be a config with a `_target_`, got {conf!r}; or null to switch it off."
+                )
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigurationError(
+            f"ckpt_path={ckpt!r} is not a file; pass a checkpoint the job wrote, e.g. "
+            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt."
+        )
+    callbacks = cfg.get("callbacks") or {}
+    monitors = [n for n, c in callbacks.items() if c is not None and str(c.get("_target_", "")).endswith("LearningRateMonitor")]
+    if monitors and not any(c is not None for c in (cfg.get("logger") or {}).values()):
+        raise ConfigurationError(
+            f"callbacks.{monitors[0]} (LearningRateMonitor) needs a logger, but no logger is configured; keep a logger "
+            f"(e.g. logger=csv), or switch it off with callbacks.{monitors[0]}=null (or callbacks=none)."
+        )
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    return Path(str(cfg.paths.output_dir))
+
+
+def _run_name(cfg: DictConfig) -> str:
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("partial")
+        if choice:
+            return str(choice).strip("[]").replace(" ", "") or "none"
+    return ",".join(cfg.get("partial") or {}) or "none"
+
+
+def train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -> dict[str, float]:
+    """Check ``cfg``, pretrain (or reuse the cache), build everything, fine-tune, print and log the results.
 
     Args:
         cfg: The composed config (``conf/config.yaml``); ``paths.output_dir`` must resolve.
+        extra_callbacks: Callbacks added after the configured ones (tests use this).
 
     Returns:
         The final ``trainer.callback_metrics`` as floats (``val_acc``, ``val_loss``, ``train_loss``, ...).
     """
-    if cfg.get("seed") is not None:
+    handler = _configure_logging()
+    try:
+        return _train(cfg, extra_callbacks)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+
+
+def _train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...]) -> dict[str, float]:
+    check_config(cfg)
+    resuming = cfg.get("ckpt_path") is not None
+    pretrained = None if resuming else ensure_pretrained(cfg)
+    if cfg.get("seed") is not None:  # after pretraining: the same draws whether the cache existed or not
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    callbacks = _instantiate_all(cfg.get("callbacks"), Callback, "callbacks")
-    callbacks += _instantiate_all(cfg.get("partial"), Callback, "partial")
-    loggers = _instantiate_all(cfg.get("logger"), Logger, "logger")
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    strategy = cfg.trainer.get("strategy")
-    if isinstance(strategy, Mapping) and "_target_" in strategy:  # a strategy object, e.g. trainer=fsdp
-        trainer_kwargs["strategy"] = instantiate(strategy)  # type: ignore[index]
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)  # type: ignore[arg-type]
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    if pretrained is not None:
+        copied = load_pretrained(model, pretrained, cfg.pretrain.transfer)
+        log.info(f"fine-tuning digits {list(cfg.data.get('classes') or range(10))} from {copied} pretrained tensors")
+    technique_callbacks = _instantiate_group(cfg.get("partial"), "partial")
+    callbacks: list[Callback] = [RngState(), *_instantiate_group(cfg.get("callbacks"), "callbacks")]
+    callbacks += technique_callbacks
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    if any(isinstance(c, LearningRateMonitor) for c in callbacks) and not loggers:  # pragma: no cover - checked above
+        raise ConfigurationError("LearningRateMonitor needs a logger; set callbacks.learning_rate_monitor=null.")
+    out = _output_dir(cfg)
+    if cfg.costs.enabled:
+        callbacks.append(CostMeter(every_n_steps=int(cfg.costs.every_n_steps), path=out / "costs.json", name=_run_name(cfg)))
+    callbacks += list(extra_callbacks)
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    if isinstance(trainer_kwargs.get("strategy"), dict):
+        trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
-        print("\nfinal metrics:")
-        for name, value in sorted(metrics.items()):
-            print(f"{name}: {value:.6g}")
-        print("\nwhat took part in backprop:")
-        print(format_summary(summarize(model)))
+        _report(cfg, model, metrics, technique_callbacks, out)
     return metrics
+
+
+def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], techniques: list[Callback], out: Path) -> None:
+    if any(math.isnan(v) or math.isinf(v) for k, v in metrics.items() if "loss" in k):
+        log.warning("warning: a loss is not finite; lower model.lr or check the data.")
+    lines = ["", "final metrics:", *(f"{name}: {value:.6g}" for name, value in sorted(metrics.items()))]
+    lines += ["", "what took part in backprop (at the end of the run):", format_summary(summarize(model))]
+    for cb in techniques:
+        run_summary = getattr(cb, "run_summary", None)
+        if callable(run_summary):
+            lines += ["", f"{type(cb).__name__} over the run:", *(f"  {line}" for line in run_summary())]
+    costs = out / "costs.json"
+    if costs.is_file():
+        c = json.loads(costs.read_text())
+        lines += [
+            "",
+            f"costs per step: backward {c['backward_flops'] / 1e6:.1f} MFLOPs, forward {c['forward_flops'] / 1e6:.1f} "
+            f"MFLOPs, saved activations {c['saved_activation_bytes'] / 1024:.0f} KiB, trainable parameters "
+            f"{c['trainable_params']:,.0f}, optimizer state {c['optimizer_state_bytes'] / 1024:.0f} KiB, "
+            f"{c['step_time_ms']:.1f} ms",
+        ]
+    lines += ["", f"output folder: {out}"]
+    for line in lines:
+        log.info(line)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: configuration errors become one message and exit status 2."""
-    try:
-        train(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(
-            f"Error: {err}\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    """Hydra entry point (errors are reported by :func:`scripts.cli.run_cli`)."""
+    train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

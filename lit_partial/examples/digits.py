@@ -9,7 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -17,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lit_partial.errors import CheckpointMismatchError, ConfigurationError
 from lit_partial.examples.models import ConvBlock, DigitsCNN, ResidualConvBlock
 from lit_partial.module import PartialBackpropMixin
 
-__all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsClassifier", "DigitsDataModule", "EpochSampler", "ResumableDataLoader", "load_digits_tensors"]
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -38,15 +40,127 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(data.target, dtype=torch.int64)
 
 
+class EpochSampler(DistributedSampler):
+    """A per-epoch seeded shuffle (``DistributedSampler``'s) that can start in the middle of an epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on the global RNG, so a resumed run sees
+    the same batches as the uninterrupted one; :meth:`skip_batches` makes the next iteration of the current
+    epoch start after the batches already trained. Being a ``DistributedSampler``, Lightning keeps it
+    under DDP instead of replacing it (each rank gets its own slice of the same permutation).
+
+    Example:
+        >>> sampler = EpochSampler(range(6), seed=0)
+        >>> full = list(sampler)
+        >>> sampler.skip_batches(2, batch_size=2)
+        >>> list(sampler) == full[4:], len(list(sampler))
+        (True, 6)
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._skip = 0
+
+    def skip_batches(self, batches: int, batch_size: int) -> None:
+        """Start the next iteration (only the next one) after ``batches`` batches of ``batch_size``."""
+        self._skip = batches * batch_size
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` whose position is saved in Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of a training dataloader that has one (``_Stateful``) in every
+    checkpoint, and calls ``load_state_dict`` before the first batch of a resumed run: the resumed epoch
+    then continues with the batch after the last one trained, in the same order.
+
+    Args:
+        *args: Passed to ``DataLoader``; ``sampler`` must be an :class:`EpochSampler`.
+        batches_done: Returns how many batches of the current epoch the training loop has finished (the
+            prefetched batch Lightning holds is not one of them); ``None`` counts nothing (plain PyTorch use).
+        **kwargs: Passed to ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler):
+            raise ConfigurationError(f"ResumableDataLoader needs an EpochSampler, got {type(self.sampler).__name__}.")
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch, the batches of it already trained, and what the order depends on (plain ints)."""
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler)
+        done = self._batches_done() if self._batches_done is not None else 0
+        return {
+            "epoch": int(sampler.epoch),
+            "batches_done": int(done),
+            "seed": int(sampler.seed),
+            "batch_size": int(self.batch_size or 0),
+            "num_replicas": int(sampler.num_replicas),
+            "dataset_size": len(sampler.dataset),  # type: ignore[arg-type]
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved epoch after its trained batches.
+
+        Raises:
+            CheckpointMismatchError: If the checkpoint was written with a different shuffle seed, batch size,
+                number of processes or data set: the saved position would then point at other samples.
+        """
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler)
+        now = self.state_dict()
+        changed = {
+            k: (state[k], now[k]) for k in ("seed", "batch_size", "num_replicas", "dataset_size") if state.get(k) != now[k]
+        }
+        if changed:
+            diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise CheckpointMismatchError(
+                f"the checkpoint's training data position was saved with different data settings ({diffs}); "
+                "resume with the same data.* and trainer.devices settings, or start a new run without ckpt_path."
+            )
+        sampler.set_epoch(int(state["epoch"]))
+        sampler.skip_batches(int(state["batches_done"]), int(self.batch_size or 0))
+
+
+def _check_classes(classes: Sequence[int] | None) -> list[int] | None:
+    if classes is None:
+        return None
+    values = list(classes)
+    ok = len(values) >= 2 and all(type(c) is int and 0 <= c <= 9 for c in values) and len(set(values)) == len(values)
+    if not ok:
+        raise ConfigurationError(
+            f"`classes` must list at least two different digits from 0 to 9, got {classes!r}; e.g. [5, 6, 7, 8, 9] "
+            "(null: all ten)."
+        )
+    return values
+
+
 class DigitsDataModule(L.LightningDataModule):
-    """scikit-learn's digits with a fixed, stratified train/val split (no download).
+    """scikit-learn's digits with a fixed, stratified train/val split (no download), resumable mid-epoch.
+
+    ``classes`` keeps a subset of the digits and relabels them ``0 .. len(classes) - 1`` in the given order:
+    the transfer-learning job pretrains on ``[0, 1, 2, 3, 4]`` and fine-tunes on ``[5, 6, 7, 8, 9]``.
+    The training order is a seeded shuffle per epoch (:class:`EpochSampler`); the position in the epoch is
+    saved in checkpoints, so a run resumed from any step sees exactly the batches the uninterrupted run saw.
 
     Args:
         batch_size: Samples per batch (per process under DDP).
-        val_fraction: Fraction of the 1797 images held out for validation.
+        val_fraction: Fraction of the images held out for validation.
         split_seed: Seed of the split; the same seed always gives the same split.
         num_workers: DataLoader workers (0 is fastest for this tiny dataset).
         sequence: Return images as ``(B, 8, 8)`` sequences of 8 rows (for recurrent models).
+        classes: The digits to keep, relabelled by position; ``None`` keeps all ten with their own labels.
+        shuffle_seed: Seed of the per-epoch training order.
+
+    Raises:
+        ConfigurationError: A non-positive ``batch_size``, ``val_fraction`` outside (0, 1), or ``classes``
+            that are not at least two distinct digits.
     """
 
     def __init__(
@@ -56,15 +170,28 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         sequence: bool = False,
+        classes: Sequence[int] | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}; 0.2 holds out 360 images.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if not (isinstance(val_fraction, int | float) and 0.0 < val_fraction < 1.0):
+            raise ConfigurationError(
+                f"`val_fraction` must be in (0, 1), got {val_fraction!r}; 0.2 holds out a fifth of the images."
+            )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigurationError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+        classes = _check_classes(classes)  # a plain list: checkpoints load with weights_only=True
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """How many labels the data has (``len(classes)``, or 10)."""
+        classes = self.hparams["classes"]
+        return 10 if classes is None else len(classes)
 
     @override
     def setup(self, stage: str) -> None:
@@ -73,6 +200,12 @@ class DigitsDataModule(L.LightningDataModule):
         from sklearn.model_selection import train_test_split
 
         images, labels = load_digits_tensors()
+        classes = self.hparams["classes"]
+        if classes is not None:
+            keep = torch.isin(labels, torch.tensor(classes))
+            relabel = torch.zeros(10, dtype=torch.int64)
+            relabel[torch.tensor(classes)] = torch.arange(len(classes))
+            images, labels = images[keep], relabel[labels[keep]]
         if self.hparams["sequence"]:
             images = images.squeeze(1)
         train_idx, val_idx = train_test_split(
@@ -84,15 +217,46 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
 
+    def _batches_done(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams["batch_size"], shuffle=True, num_workers=self.hparams["num_workers"]
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.hparams["shuffle_seed"])
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.hparams["batch_size"],
+            sampler=sampler,
+            num_workers=self.hparams["num_workers"],
+            generator=torch.Generator().manual_seed(self.hparams["shuffle_seed"]),  # worker seeds: not the global RNG
+            batches_done=self._batches_done,
         )
 
     @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256, num_workers=self.hparams["num_workers"])
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+    example: str,
+) -> None:
+    """Raise a ConfigurationError unless ``value`` is a finite real number in the range (NaN and inf never are)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+        raise ConfigurationError(f"`{name}` must be a finite number {bounds}, got {value!r}; e.g. {name}={example}.")
 
 
 class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
@@ -108,6 +272,11 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
         dropout: Dropout before the head.
         residual_blocks: Shape-preserving residual conv blocks ``backbone.res.*`` after the last conv block
             (what ``StochasticDepth`` skips); 0 (default) keeps the plain CNN.
+        num_classes: Outputs of the head (``DigitsDataModule.num_classes``).
+
+    Raises:
+        ConfigurationError: ``lr`` not a finite positive number, ``weight_decay`` negative or not finite,
+            ``dropout`` outside [0, 1], ``num_classes`` below 2.
     """
 
     def __init__(
@@ -117,14 +286,19 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
         weight_decay: float = 1e-4,
         dropout: float = 0.1,
         residual_blocks: int = 0,
+        num_classes: int = 10,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"`lr` must be positive, got {lr!r}.")
+        _check_number("lr", lr, low=0.0, low_open=True, example="3e-3")
+        _check_number("weight_decay", weight_decay, low=0.0, example="1e-4")
+        _check_number("dropout", dropout, low=0.0, high=1.0, example="0.1")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigurationError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        channels = [int(c) for c in channels]  # a plain list: checkpoints load with weights_only=True
         self.save_hyperparameters()
-        net = DigitsCNN(channels=list(channels), num_classes=10, dropout=dropout, residual_blocks=residual_blocks)
+        net = DigitsCNN(channels=channels, num_classes=num_classes, dropout=dropout, residual_blocks=residual_blocks)
         self.backbone, self.head = net.backbone, net.head
-        self.val_acc = MulticlassAccuracy(num_classes=10)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
 
     @override
     def configure_model(self) -> None:

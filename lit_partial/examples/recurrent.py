@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lit_partial.examples.digits import _check_number
 from lit_partial.module import PartialBackpropMixin
 
 __all__ = ["DigitsRNN"]
@@ -47,8 +48,7 @@ class DigitsRNN(PartialBackpropMixin, L.LightningModule):
         super().__init__()
         if tbptt_steps is not None and (type(tbptt_steps) is not int or tbptt_steps < 1):
             raise ValueError(f"`tbptt_steps` must be a positive int or None (full BPTT), got {tbptt_steps!r}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be positive, got {lr!r}.")
+        _check_number("lr", lr, low=0.0, low_open=True, example="3e-3")
         self.save_hyperparameters()
         self.automatic_optimization = tbptt_steps is None
         self.rnn = nn.GRU(8, hidden_size, batch_first=True)

@@ -139,8 +139,8 @@ def validate_mask_spec(spec: Mapping[str, Any], *, where: str = "mask spec") -> 
         if spec["op"] not in WHERE_OPS:
             raise MaskError(f"{where}: op={spec['op']!r} is not one of {list(WHERE_OPS)}.")
         value = spec["value"]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MaskError(f"{where}: value={value!r} must be a number, e.g. 0.0.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise MaskError(f"{where}: value={value!r} must be a number, and finite (NaN compares false everywhere), e.g. 0.0.")
         spec["value"] = float(value)
     return spec
 
@@ -330,7 +330,13 @@ def resolve_mask_source(selector: str, source: Any, name: str, param: Tensor) ->
         MaskError: If a file lacks ``name``, or the mask does not broadcast or is not 0/1.
     """
     if isinstance(source, Path):
-        stored = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            stored = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a mask file"
+            raise MaskError(
+                f"masks[{selector!r}]: {str(source)!r} is not a torch-saved mask file ({type(err).__name__}); save one "
+                "with torch.save({parameter_name: mask_tensor}, path)."
+            ) from err
         if not isinstance(stored, Mapping) or name not in stored:
             keys = sorted(stored)[:5] if isinstance(stored, Mapping) else type(stored).__name__
             raise MaskError(

@@ -1,0 +1,129 @@
+"""Side-by-side comparison of techniques: accuracy against cost, one row per run of a multirun.
+
+After ``python scripts/train.py -m partial=none,freeze_backbone,...`` Hydra calls :class:`ComparisonReport`
+(``hydra.callbacks`` in ``conf/config.yaml``), which reads every job's ``costs.json`` and writes
+``comparison.md`` (a Markdown table) and ``comparison.png`` (accuracy against backward FLOPs, step time and
+optimizer state) into the sweep folder. On its own: ``python scripts/compare.py <sweep folder>``.
+
+Example:
+    >>> rows = [{"name": "none", "val_acc": 0.98, "backward_flops": 2e6, "forward_flops": 1e6,
+    ...          "trainable_params": 1000, "saved_activation_bytes": 4096, "optimizer_state_bytes": 8192,
+    ...          "step_time_ms": 5.0}]
+    >>> print(markdown_table(rows).splitlines()[2])
+    | none | 0.980 | 2.00 | 1.00x | 1,000 | 4 | 8 | 5.0 | 1.00x |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+
+__all__ = ["ComparisonReport", "load_runs", "markdown_table", "write_report"]
+
+log = logging.getLogger("train")
+
+
+def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every ``costs.json`` under ``sweep_dir`` (one per job), in job order."""
+    runs = []
+    for path in sorted(sweep_dir.glob("*/costs.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        record = json.loads(path.read_text())
+        record["job"] = path.parent.name
+        runs.append(record)
+    return runs
+
+
+def _reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return next((r for r in rows if r["name"] == "none"), rows[0])
+
+
+def _ratio(value: float, ref: float) -> str:
+    return f"{value / ref:.2f}x" if ref and not math.isnan(value) else "-"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table; ratios are relative to the ``none`` run (or the first one)."""
+    ref = _reference(rows)
+    header = (
+        "| technique (`partial=`) | val acc | backward MFLOPs/step | backward vs none | trainable params "
+        "| saved activations KiB | optimizer state KiB | ms/step | time vs none |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['val_acc']:.3f} | {r['backward_flops'] / 1e6:.2f} "
+            f"| {_ratio(r['backward_flops'], ref['backward_flops'])} | {r['trainable_params']:,.0f} "
+            f"| {r['saved_activation_bytes'] / 1024:.0f} | {r['optimizer_state_bytes'] / 1024:.0f} "
+            f"| {r['step_time_ms']:.1f} | {_ratio(r['step_time_ms'], ref['step_time_ms'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("backward_flops", "backward MFLOPs per step", 1e6),
+        ("step_time_ms", "ms per training step", 1.0),
+        ("optimizer_state_bytes", "optimizer state (KiB)", 1024.0),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.6), sharey=True)
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        for r in rows:
+            x = r[key] / scale
+            ax.scatter([x], [r["val_acc"]], s=40)
+            ax.annotate(r["name"], (x, r["val_acc"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    fig.suptitle("Fine-tuning digits 5-9 from a backbone pretrained on 0-4: accuracy vs cost per technique")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
+    """Write ``comparison.md`` and ``comparison.png`` into ``sweep_dir``; ``None`` when no job wrote costs."""
+    sweep = Path(sweep_dir)
+    rows = load_runs(sweep)
+    if not rows:
+        return None
+    md, png = sweep / "comparison.md", sweep / "comparison.png"
+    notes = (
+        "\n\nPer training step, averaged over the run: FLOPs and saved activation bytes of every other step "
+        "(torch.utils.flop_counter; bytes saved for backward when backward starts), trainable parameter elements "
+        "(requires_grad, less masked elements), optimizer state at the end, median wall time of the unmeasured steps "
+        "(CPU, shared machine: noisy). SelectiveBackprop's scoring forward is in the time, not in the FLOPs.\n"
+    )
+    md.write_text(f"# Comparison ({sweep})\n\n{markdown_table(rows)}{notes}")
+    _plot(rows, png)
+    return md, png
+
+
+class ComparisonReport(HydraCallback):
+    """Hydra callback: after a multirun, write the comparison report into the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        written = write_report(Path(str(config.hydra.sweep.dir)))
+        if written is not None:
+            print(f"\ncomparison report: {written[0]} and {written[1]}")
+            print(written[0].read_text())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/compare.py <sweep folder>")
+    result = write_report(sys.argv[1])
+    if result is None:
+        sys.exit(f"no */costs.json under {sys.argv[1]}: run `python scripts/train.py -m partial=...` first")
+    print(result[0].read_text())

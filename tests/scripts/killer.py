@@ -1,0 +1,42 @@
+"""A callback that kills its whole process group with SIGKILL at a chosen point: a crash, for resume tests.
+
+Used from the command line through the config (its package is added with ``extra_target_roots``):
+``+callbacks.killer={_target_:tests.scripts.killer.KillAt,step:7} extra_target_roots=[tests.scripts]``.
+Run the job with ``start_new_session=True`` so that only the job's processes are in the group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAt(Callback):
+    """SIGKILL the process group before optimizer step ``step`` runs, or when validation of ``epoch`` starts.
+
+    Args:
+        step: Kill at the start of the batch that would take optimizer step ``step + 1`` (``step`` steps, and the
+            checkpoint after the last of them, are done).
+        epoch: Kill when the validation of this epoch starts (the last batch's checkpoint is written, the
+            validation-end one is not).
+    """
+
+    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+        self.step = step
+        self.epoch = epoch
+
+    @staticmethod
+    def _kill() -> None:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.step is not None and trainer.global_step == self.step:
+            self._kill()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.epoch is not None and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            self._kill()
