@@ -1,24 +1,62 @@
-# Two commands on a fresh machine: `make train` and `make test`. Both install what is missing first.
+# Two commands on a fresh machine: `make train` and `make test`. Both install what is missing first, into the
+# active virtual environment, or else into a project one (.venv) made with python3: Debian/Ubuntu's system
+# Python refuses `pip install` outside a virtual environment (PEP 668, "externally-managed-environment").
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 OVERRIDES ?=
+# The presets `make compare` runs side by side (one Hydra multirun, then comparison.md/.png in the sweep folder).
+COMPARE ?= none,freeze_backbone,freeze_then_unfreeze,gradual_unfreeze,detach_backbone_warmup,sparse_finetune,checkpoint_backbone,selective_backprop
 
-.PHONY: install train test lint bench
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+# pyproject.toml decides what each stamp installs; editing it reinstalls.
+STAMP_TRAIN := $(VENV)/.lit_partial-train
+STAMP_TEST := $(VENV)/.lit_partial-test
+STAMP_DEV := $(VENV)/.lit_partial-dev
 
-# torch is installed pinned and first: an unpinned resolve would pull a newer CUDA build (gigabytes).
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+.PHONY: venv train compare test lint typecheck bench clean-venv
 
-train: install
-	$(PYTHON) scripts/train.py partial=freeze_then_unfreeze $(OVERRIDES)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 
-test: install
-	$(PYTHON) -m pytest
+venv: $(VENV)/bin/python
 
-lint: install
-	ruff check lit_partial scripts tests
-	ruff format --check lit_partial scripts tests
+# torch first and pinned: an unpinned resolve would pull a newer CUDA build (gigabytes). The extras then
+# find `torch>=2.2` satisfied and keep it.
+$(VENV)/.torch: | $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	@touch $@
 
-bench: install
-	$(PYTHON) scripts/benchmark.py
+$(STAMP_TRAIN): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[demo]"
+	@touch $@
+
+$(STAMP_TEST): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@ $(STAMP_TRAIN)
+
+$(STAMP_DEV): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@ $(STAMP_TEST) $(STAMP_TRAIN)
+
+train: $(STAMP_TRAIN)  ## pretrain on digits 0-4 (cached), fine-tune on 5-9 with the backbone frozen for epoch 0
+	$(PY) scripts/train.py partial=freeze_then_unfreeze $(OVERRIDES)
+
+compare: $(STAMP_TRAIN)  ## every preset of COMPARE on the same job, then the accuracy-vs-cost report
+	$(PY) scripts/train.py -m partial=$(COMPARE) $(OVERRIDES)
+
+test: $(STAMP_TEST)
+	$(PY) -m pytest
+
+lint: $(STAMP_DEV)
+	$(PY) -m ruff check lit_partial scripts tests
+	$(PY) -m ruff format --check lit_partial scripts tests
+
+typecheck: $(STAMP_DEV)
+	$(PY) -m mypy lit_partial
+
+bench: $(STAMP_TRAIN)
+	$(PY) scripts/benchmark.py
+
+clean-venv:
+	rm -rf .venv

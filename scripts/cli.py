@@ -51,6 +51,7 @@ __all__ = [
 CONFIG_ERROR_EXIT = 2
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_USER_FULL_ERROR = "LIT_PARTIAL_USER_HYDRA_FULL_ERROR"
 
 _HYDRA_CALLBACK_ROOTS = ("hydra.experimental.callbacks", "scripts.compare")
 _LOGGING_ROOTS = ("logging",)
@@ -311,15 +312,29 @@ def preflight(argv: Sequence[str], config_name: str = "config") -> None:
         resolve_target(key, target, (*roots, *user_roots), base, allow_private=private)
 
 
-def run_cli(hydra_main: Callable[[], Any], argv: Sequence[str] | None = None) -> None:
-    """Run a ``@hydra.main`` function with the main job's error handling (see the module docstring)."""
+def run_cli(
+    hydra_main: Callable[[], Any], argv: Sequence[str] | None = None, job_errors: Sequence[BaseException] = ()
+) -> None:
+    """Run a ``@hydra.main`` function with the main job's error handling (see the module docstring).
+
+    Args:
+        hydra_main: The decorated main function.
+        argv: The command-line arguments (default ``sys.argv[1:]``).
+        job_errors: Filled by the job with the configuration errors it caught (so that Hydra does not print its
+            own "Error executing job" banner); the first is reported after Hydra returns.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv[1:] = quote_checkpoint_paths(argv)
-    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we decide how to report
+    # Hydra raises instead of printing, and we decide how to report; the user's own setting is kept for children
+    # (Lightning's `ddp` strategy starts this script again per rank).
+    os.environ.setdefault(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
+    show_traceback = os.environ[_USER_FULL_ERROR] == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         preflight(sys.argv[1:])
         hydra_main()
+        if job_errors:
+            raise job_errors[0]
     except SystemExit:
         raise
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from lit_partial.config import check_targets, register_configs  # noqa: E402
 from lit_partial.errors import ConfigurationError  # noqa: E402
 from lit_partial.summary import format_summary, summarize  # noqa: E402
-from scripts.cli import run_cli  # noqa: E402
+from scripts.cli import is_config_error, run_cli  # noqa: E402
 from scripts.costs import CostMeter  # noqa: E402
 from scripts.pretrain import ensure_pretrained, load_pretrained  # noqa: E402
 from scripts.resume import RngState  # noqa: E402
@@ -228,11 +228,20 @@ def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], techniques: 
         log.info(line)
 
 
+#: Configuration errors of jobs, reported by run_cli after Hydra returns (Hydra would add its own banner).
+_JOB_ERRORS: list[BaseException] = []
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point (errors are reported by :func:`scripts.cli.run_cli`)."""
-    train(cfg)
+    """Hydra entry point; configuration errors are reported as one line by :func:`scripts.cli.run_cli`."""
+    try:
+        train(cfg)
+    except Exception as exc:
+        if not is_config_error(exc):
+            raise
+        _JOB_ERRORS.append(exc)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, job_errors=_JOB_ERRORS)

@@ -81,11 +81,14 @@ class ResumableDataLoader(DataLoader):
     Args:
         *args: Passed to ``DataLoader``; ``sampler`` must be an :class:`EpochSampler`.
         batches_done: Returns how many batches of the current epoch the training loop has finished (the
-            prefetched batch Lightning holds is not one of them); ``None`` counts nothing (plain PyTorch use).
+            prefetched batch Lightning holds is not one of them) and whether that ends the epoch (Lightning may
+            cut epochs short with ``limit_train_batches``); ``None`` counts nothing (plain PyTorch use).
         **kwargs: Passed to ``DataLoader``.
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, batches_done: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, EpochSampler):
             raise ConfigurationError(f"ResumableDataLoader needs an EpochSampler, got {type(self.sampler).__name__}.")
@@ -95,10 +98,11 @@ class ResumableDataLoader(DataLoader):
         """The epoch, the batches of it already trained, and what the order depends on (plain ints)."""
         sampler = self.sampler
         assert isinstance(sampler, EpochSampler)
-        done = self._batches_done() if self._batches_done is not None else 0
+        done, finished = self._batches_done() if self._batches_done is not None else (0, False)
         return {
             "epoch": int(sampler.epoch),
             "batches_done": int(done),
+            "epoch_finished": int(finished),
             "seed": int(sampler.seed),
             "batch_size": int(self.batch_size or 0),
             "num_replicas": int(sampler.num_replicas),
@@ -124,6 +128,9 @@ class ResumableDataLoader(DataLoader):
                 f"the checkpoint's training data position was saved with different data settings ({diffs}); "
                 "resume with the same data.* and trainer.devices settings, or start a new run without ckpt_path."
             )
+        if state.get("epoch_finished"):  # saved on the last batch: the next epoch comes next, from its start
+            sampler.set_epoch(int(state["epoch"]) + 1)
+            return
         sampler.set_epoch(int(state["epoch"]))
         sampler.skip_batches(int(state["batches_done"]), int(self.batch_size or 0))
 
@@ -217,11 +224,12 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
 
-    def _batches_done(self) -> int:
+    def _batches_done(self) -> tuple[int, bool]:
         trainer = self.trainer
         if trainer is None:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            return 0, False
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return done, done >= trainer.num_training_batches
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow]
 FAST = (
     "trainer.max_epochs=2",
     "data.batch_size=96",  # 719 training images: 8 batches per epoch
-    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.last_checkpoint.every_n_train_steps=1",
     "callbacks.learning_rate_monitor=null",
     "logger=none",
     "pretrain.max_epochs=1",
@@ -97,6 +97,8 @@ MID_EPOCH_STEP = random.Random(15).choice([s for s in range(1, 2 * STEPS_PER_EPO
         pytest.param((), f"step:{MID_EPOCH_STEP}", id=f"plain-mid-epoch-step{MID_EPOCH_STEP}"),
         pytest.param((), "epoch:0", id="plain-last-step-of-epoch0"),
         pytest.param(("partial=freeze_then_unfreeze",), "step:11", id="freeze_then_unfreeze-mid-epoch1"),
+        # LayerFreezing's `epoch: 1` entry must still apply after a resume from the last batch of epoch 0.
+        pytest.param(("partial=freeze_then_unfreeze",), "epoch:0", id="freeze_then_unfreeze-last-step-of-epoch0"),
         pytest.param(ALL_TECHNIQUES, "step:5", id="all-techniques-mid-epoch0"),
         pytest.param(TWO_PROCESSES, "step:3", id="ddp_spawn-2-processes-mid-epoch0"),
     ],
@@ -118,7 +120,7 @@ def test_every_checkpoint_the_job_writes_loads_safely_and_resumes(tmp_path: Path
     proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    assert len(ckpts) >= 2 and all("=" not in p.name for p in ckpts), ckpts
+    assert len(ckpts) == 2 and all("=" not in p.name for p in ckpts), ckpts
     for path in ckpts:  # weights_only=True: only tensors and plain types inside (no ListConfig)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt["hyper_parameters"]["channels"], list)
@@ -136,7 +138,7 @@ def test_checkpoint_names_with_equals_signs_are_accepted(tmp_path: Path, pretrai
     (run_dir / "checkpoints" / "last.ckpt").rename(lightning_name)
     proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", f"ckpt_path={lightning_name}", run_dir=tmp_path / "b")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
 
 
 def test_helpers_run_the_real_cli() -> None:
