@@ -109,3 +109,46 @@ def test_several_partial_presets_combine(tmp_path: Path) -> None:
         pytest.skip("needs two partial presets")
     cfg = compose_main(f"partial=[{','.join(presets)}]", output_dir=str(tmp_path))
     assert sorted(cfg.partial) == sorted(presets)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("model.lr=abc", r"Error merging override model.lr=abc"),
+        ("model.channels=[a]", r"Error merging override model.channels=\[a\]"),
+        ("data.batch_size=x", r"Error merging override data.batch_size=x"),
+        ("data.classes=x", r"Error merging override data.classes=x"),
+        ("model.not_an_argument=1", r"Could not override 'model.not_an_argument'"),
+        ("data.not_an_argument=1", r"Could not override 'data.not_an_argument'"),
+        ("pretrain.max_epochs=x", r"Error merging override pretrain.max_epochs=x"),
+    ],
+)
+def test_model_data_and_pretrain_values_are_type_checked_when_composed(override: str, match: str) -> None:
+    with pytest.raises(Exception, match=match):
+        compose_main(override)
+
+
+def test_constructor_schemas_follow_the_constructors() -> None:
+    from lit_partial.config import constructor_schema
+    from lit_partial.examples import DigitsClassifier, DigitsDataModule
+
+    model = constructor_schema(DigitsClassifier).__dataclass_fields__
+    assert set(model) - {"_target_"} == set(inspect.signature(DigitsClassifier).parameters)
+    assert model["lr"].type is float and model["num_classes"].type is int
+    data = constructor_schema(DigitsDataModule).__dataclass_fields__
+    assert set(data) - {"_target_"} == set(inspect.signature(DigitsDataModule).parameters)
+
+
+def test_num_classes_follows_data_classes() -> None:
+    assert compose_main().model.num_classes == 5
+    assert compose_main("data.classes=null").model.num_classes == 10
+    assert compose_main("data.classes=[1,2,3]").model.num_classes == 3
+
+
+def test_closest_keys_suggest_the_key_meant() -> None:
+    from scripts.cli import closest_keys
+
+    cfg = compose_main()
+    assert closest_keys("trainer.max_epoch", cfg)[0] == "trainer.max_epochs"
+    assert closest_keys("lr", cfg)[0] == "model.lr"
+    assert closest_keys("data.batchsize", cfg)[0] == "data.batch_size"

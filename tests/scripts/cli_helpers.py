@@ -15,8 +15,8 @@ def run_job(
     *overrides: str, run_dir: Path, timeout: int = 400, new_session: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python scripts/train.py <overrides> hydra.run.dir=<run_dir>`` from the repository root."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    base = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LIT_PARTIAL_USER_HYDRA_FULL_ERROR")}
+    full_env = {**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, str(TRAIN), *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True,
