@@ -354,8 +354,8 @@ def parse_condition(spec: Any) -> Condition:
         return Never()
     if isinstance(spec, int | float):
         raise ConditionError(
-            f"invalid condition {spec!r}: a bare number is not a condition; write true/\"always\" or false/\"never\", or e.g. "
-            f"{{\"probability\": {spec}}} for a random draw. Valid forms: {VALID_FORMS}."
+            f'invalid condition {spec!r}: a bare number is not a condition; write true/"always" or false/"never", '
+            f'or e.g. {{"probability": {spec}}} for a random draw. Valid forms: {VALID_FORMS}.'
         )
     spec = to_plain(spec)
     if isinstance(spec, Mapping):

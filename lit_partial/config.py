@@ -129,9 +129,10 @@ def constructor_schema(cls: type) -> type:
         >>> fields["lr"].type, fields["channels"].type, fields["_target_"].default
         (<class 'float'>, list[int], 'lit_partial.examples.DigitsClassifier')
     """
-    hints = typing.get_type_hints(cls.__init__)
+    init = vars(cls).get("__init__") or cls.__init__  # type: ignore[misc]  # the class's own constructor
+    hints = typing.get_type_hints(init)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=_target_path(cls)))]
-    for name, param in inspect.signature(cls.__init__).parameters.items():
+    for name, param in inspect.signature(init).parameters.items():
         if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         yaml_type = _yaml_type(hints.get(name, Any))
@@ -232,8 +233,9 @@ DEFAULT_TARGET_ROOTS: tuple[str, ...] = (
 )
 
 #: Roots too broad to add (they reach functions that load pickles, write files or run programs).
-_UNSAFE_ROOTS = ("builtins", "os", "sys", "subprocess", "shutil", "pickle", "marshal", "importlib", "runpy", "io")
-_UNSAFE_ROOTS += ("pathlib", "ctypes", "socket", "code", "torch.hub", "torch.serialization", "numpy.lib", "hydra")
+_UNSAFE_ROOTS: tuple[str, ...] = ("builtins", "os", "sys", "subprocess", "shutil", "pickle", "marshal", "importlib")
+_UNSAFE_ROOTS += ("runpy", "io", "pathlib", "ctypes", "socket", "code", "torch.hub", "torch.serialization", "hydra")
+_UNSAFE_ROOTS += ("numpy.lib",)
 _TOO_BROAD = ("torch", "numpy", "lightning", "lightning.pytorch", "lightning.fabric", "scripts")
 
 #: What a ``_target_`` directly under each group must build (by import path, so nothing is imported early).
@@ -283,7 +285,7 @@ def _raw(node: Any, key: Any) -> Any:
     """``node[key]`` with interpolations resolved where they can be (a broken one is left for Hydra to report)."""
     try:
         return node[key]
-    except Exception:  # noqa: BLE001 - an unresolvable interpolation: the config error surfaces at instantiate
+    except Exception:
         return None
 
 

@@ -1,4 +1,4 @@
-"""The main job's command line: configuration errors as one line, safe overrides, ``=`` in checkpoint paths.
+r"""The main job's command line: configuration errors as one line, safe overrides, ``=`` in checkpoint paths.
 
 :func:`run_cli` wraps a ``@hydra.main`` function. It lets Hydra raise instead of printing (so the real
 exception can be classified), then:
@@ -17,7 +17,7 @@ with ``=`` in them (Lightning's default checkpoint names), which Hydra's overrid
 Example:
     >>> quote_checkpoint_paths(["ckpt_path=out/epoch=0-step=8.ckpt", "seed=1"])
     ["ckpt_path='out/epoch=0-step=8.ckpt'", 'seed=1']
-    >>> one_line(ValueError("a\\n  b"))
+    >>> one_line(ValueError("a\n  b"))
     'a b'
 """
 
@@ -93,7 +93,7 @@ def _spawned_error(exc: BaseException) -> tuple[str, str] | None:
 
 def _named_config_error(qualname: str) -> bool:
     module_name, _, name = qualname.rpartition(".")
-    if not module_name.split(".")[0] in ("lit_partial", "hydra", "omegaconf", "lightning"):
+    if module_name.split(".")[0] not in ("lit_partial", "hydra", "omegaconf", "lightning"):
         return False
     try:
         cls = getattr(importlib.import_module(module_name), name)
@@ -279,7 +279,7 @@ def preflight(argv: Sequence[str], config_name: str = "config") -> None:
         return
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # noqa: BLE001 - Hydra's run reports the parse error itself
+    except Exception:
         return
     overrides = []
     for override in parsed:
@@ -300,7 +300,7 @@ def preflight(argv: Sequence[str], config_name: str = "config") -> None:
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             cfg = compose(config_name=args.config_name or config_name, overrides=overrides, return_hydra_config=True)
-    except Exception:  # noqa: BLE001 - Hydra's run reports composition errors with the real message
+    except Exception:
         return
     finally:
         GlobalHydra.instance().clear()
@@ -339,7 +339,7 @@ def run_cli(
         raise
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every exception is reported, config errors as one line
+    except BaseException as exc:
         if is_config_error(exc) and not show_traceback:
             print(f"Error: {config_error_message(exc)}", file=sys.stderr, flush=True)
             sys.exit(CONFIG_ERROR_EXIT)

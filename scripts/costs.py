@@ -30,15 +30,15 @@ from typing_extensions import override
 
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activations import SavedTensorTracker
-from lit_partial.module import partial_state
+from lit_partial.summary import summarize
 
 __all__ = ["CostMeter", "optimizer_state_bytes", "trainable_elements"]
 
 
 def trainable_elements(model: torch.nn.Module) -> int:
     """Parameter elements that can change: ``requires_grad`` ones, less those a gradient mask holds fixed."""
-    masked = partial_state(model).masked
-    return sum(p.numel() - masked.get(n, 0) for n, p in model.named_parameters() if p.requires_grad)
+    total = summarize(model)[-1]  # the "total" row; masked elements belong to parameters that require grad
+    return total.trainable - total.masked
 
 
 def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
@@ -84,7 +84,9 @@ class CostMeter(Callback):
         self._last_end: float | None = None
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._close()
         self.trainable.append(trainable_elements(pl_module))
         if batch_idx % self.every_n_steps:

@@ -74,13 +74,15 @@ def ensure_pretrained(cfg: DictConfig) -> Path | None:
     if not pre.enabled:
         return None
     if pre.max_epochs < 1:
-        raise ConfigurationError(f"pretrain.max_epochs must be >= 1, got {pre.max_epochs}; or set pretrain.enabled=false.")
+        raise ConfigurationError(
+            f"pretrain.max_epochs must be >= 1, got {pre.max_epochs}; or set pretrain.enabled=false."
+        )
     fine = cfg.data.get("classes")
     overlap = sorted(set(pre.classes) & set(fine if fine is not None else range(10)))
     if overlap:
         raise ConfigurationError(
-            f"pretrain.classes {list(pre.classes)} and data.classes {fine} share digits {overlap}: the fine-tuning task "
-            "must be new; e.g. pretrain.classes=[0,1,2,3,4] data.classes=[5,6,7,8,9], or pretrain.enabled=false."
+            f"pretrain.classes {list(pre.classes)} and data.classes {fine} share digits {overlap}: the fine-tuning "
+            "task must be new; e.g. pretrain.classes=[0,1,2,3,4] data.classes=[5,6,7,8,9], or pretrain.enabled=false."
         )
     path = cache_path(cfg)
     if path.is_file() and not pre.force:

@@ -41,8 +41,13 @@ class RngState(Callback):
         kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
         return {
             "torch": torch.get_rng_state(),
-            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "numpy": {
+                "kind": str(kind),
+                "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
             "python": random.getstate(),
         }
 

@@ -25,21 +25,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
 
-from lit_partial.config import check_targets, register_configs  # noqa: E402
-from lit_partial.errors import ConfigurationError  # noqa: E402
-from lit_partial.summary import format_summary, summarize  # noqa: E402
-from scripts.cli import is_config_error, run_cli  # noqa: E402
-from scripts.costs import CostMeter  # noqa: E402
-from scripts.pretrain import ensure_pretrained, load_pretrained  # noqa: E402
-from scripts.resume import RngState  # noqa: E402
+from lit_partial.config import check_targets, register_configs
+from lit_partial.errors import ConfigurationError
+from lit_partial.summary import format_summary, summarize
+from scripts.cli import is_config_error, run_cli
+from scripts.costs import CostMeter
+from scripts.pretrain import ensure_pretrained, load_pretrained
+from scripts.resume import RngState
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GROUPS = ("model", "data", "partial", "callbacks", "logger", "trainer")
@@ -133,7 +133,9 @@ def check_config(cfg: DictConfig) -> None:
             "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt."
         )
     callbacks = cfg.get("callbacks") or {}
-    monitors = [n for n, c in callbacks.items() if c is not None and str(c.get("_target_", "")).endswith("LearningRateMonitor")]
+    monitors = [
+        n for n, c in callbacks.items() if c is not None and str(c.get("_target_", "")).endswith("LearningRateMonitor")
+    ]
     if monitors and not any(c is not None for c in (cfg.get("logger") or {}).values()):
         raise ConfigurationError(
             f"callbacks.{monitors[0]} (LearningRateMonitor) needs a logger, but no logger is configured; keep a logger "
@@ -190,7 +192,9 @@ def _train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...]) -> dict[str, 
         raise ConfigurationError("LearningRateMonitor needs a logger; set callbacks.learning_rate_monitor=null.")
     out = _output_dir(cfg)
     if cfg.costs.enabled:
-        callbacks.append(CostMeter(every_n_steps=int(cfg.costs.every_n_steps), path=out / "costs.json", name=_run_name(cfg)))
+        callbacks.append(
+            CostMeter(every_n_steps=int(cfg.costs.every_n_steps), path=out / "costs.json", name=_run_name(cfg))
+        )
     callbacks += list(extra_callbacks)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     if isinstance(trainer_kwargs.get("strategy"), dict):

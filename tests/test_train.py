@@ -71,7 +71,9 @@ def test_pretraining_is_cached_and_forced_on_request(tmp_path: Path, capsys: pyt
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_run_logs_to_train_log_and_prints_no_lightning_noise(tmp_path: Path) -> None:
-    proc = run_job("trainer.max_epochs=1", "pretrain.enabled=false", "partial=freeze_backbone", *QUIET, run_dir=tmp_path)
+    proc = run_job(
+        "trainer.max_epochs=1", "pretrain.enabled=false", "partial=freeze_backbone", *QUIET, run_dir=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "train.log").read_text()
     for text in ("final metrics:", "val_acc: ", "LayerFreezing", f"output folder: {tmp_path}"):
@@ -86,7 +88,12 @@ def test_cli_run_logs_to_train_log_and_prints_no_lightning_noise(tmp_path: Path)
 def test_two_process_ddp_spawn_run(tmp_path: Path) -> None:
     # Each rank sees half the data per epoch, so 10 epochs take as many steps as 5 single-process ones.
     cfg = compose_main(
-        "trainer=ddp", "trainer.max_epochs=10", "callbacks=none", "logger=none", "pretrain.enabled=false", *QUIET,
+        "trainer=ddp",
+        "trainer.max_epochs=10",
+        "callbacks=none",
+        "logger=none",
+        "pretrain.enabled=false",
+        *QUIET,
         output_dir=str(tmp_path),
     )
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp_spawn"

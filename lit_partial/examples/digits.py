@@ -40,7 +40,7 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(data.target, dtype=torch.int64)
 
 
-class EpochSampler(DistributedSampler):
+class EpochSampler(DistributedSampler[int]):
     """A per-epoch seeded shuffle (``DistributedSampler``'s) that can start in the middle of an epoch.
 
     The order of epoch ``e`` depends only on ``(seed, e)``, never on the global RNG, so a resumed run sees
@@ -71,7 +71,7 @@ class EpochSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(DataLoader[Any]):
     """A ``DataLoader`` over an :class:`EpochSampler` whose position is saved in Lightning checkpoints.
 
     Lightning stores ``state_dict()`` of a training dataloader that has one (``_Stateful``) in every
@@ -86,9 +86,7 @@ class ResumableDataLoader(DataLoader):
         **kwargs: Passed to ``DataLoader``.
     """
 
-    def __init__(
-        self, *args: Any, batches_done: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, batches_done: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, EpochSampler):
             raise ConfigurationError(f"ResumableDataLoader needs an EpochSampler, got {type(self.sampler).__name__}.")
@@ -120,7 +118,9 @@ class ResumableDataLoader(DataLoader):
         assert isinstance(sampler, EpochSampler)
         now = self.state_dict()
         changed = {
-            k: (state[k], now[k]) for k in ("seed", "batch_size", "num_replicas", "dataset_size") if state.get(k) != now[k]
+            k: (state[k], now[k])
+            for k in ("seed", "batch_size", "num_replicas", "dataset_size")
+            if state.get(k) != now[k]
         }
         if changed:
             diffs = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
@@ -224,20 +224,27 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
 
+    def _sets(self) -> tuple[TensorDataset, TensorDataset]:
+        if self.train_set is None or self.val_set is None:
+            self.setup("fit")
+        assert self.train_set is not None and self.val_set is not None
+        return self.train_set, self.val_set
+
     def _batches_done(self) -> tuple[int, bool]:
         trainer = self.trainer
         if trainer is None:
             return 0, False
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]
         return done, done >= trainer.num_training_batches
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.hparams["shuffle_seed"])
+        train_set = self._sets()[0]
+        sampler = EpochSampler(train_set, num_replicas=replicas, rank=rank, seed=self.hparams["shuffle_seed"])
         return ResumableDataLoader(
-            self.train_set,
+            train_set,
             batch_size=self.hparams["batch_size"],
             sampler=sampler,
             num_workers=self.hparams["num_workers"],
@@ -246,8 +253,8 @@ class DigitsDataModule(L.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.hparams["num_workers"])
+    def val_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(self._sets()[1], batch_size=256, num_workers=self.hparams["num_workers"])
 
 
 def _check_number(
@@ -331,7 +338,8 @@ class DigitsClassifier(PartialBackpropMixin, L.LightningModule):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.gate("features", self.backbone(x)))
+        logits: Tensor = self.head(self.gate("features", self.backbone(x)))
+        return logits
 
     @override
     def per_sample_loss(self, batch: Any) -> Tensor:

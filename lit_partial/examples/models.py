@@ -40,7 +40,8 @@ class ResidualConvBlock(nn.Module):
         self.body = ConvBlock(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return x + self.body(x)
+        out: Tensor = x + self.body(x)
+        return out
 
 
 class DigitsCNN(nn.Module):
@@ -82,7 +83,8 @@ class DigitsCNN(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_ch, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.head(self.backbone(x))
+        out: Tensor = self.head(self.backbone(x))
+        return out
 
 
 class FFNBlock(nn.Module):
@@ -95,7 +97,8 @@ class FFNBlock(nn.Module):
         self.fc2 = nn.Linear(width * expansion, width)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return x + self.fc2(self.act(self.fc1(x)))
+        out: Tensor = x + self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class ResidualFFN(nn.Module):
@@ -110,4 +113,5 @@ class ResidualFFN(nn.Module):
         self.blocks = nn.Sequential(*(FFNBlock(width, expansion) for _ in range(num_blocks)))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.blocks(x)
+        out: Tensor = self.blocks(x)
+        return out

@@ -73,8 +73,9 @@ class DigitsRNN(PartialBackpropMixin, L.LightningModule):
             loss, _ = self.chunk_step(batch, None)
             self.log("train_loss", loss, prog_bar=True)
             return loss
-        loss = self.tbptt_step(batch, k, self.chunk_step, accumulate=self.hparams["accumulate"])
-        self.log("train_loss", loss, prog_bar=True)
+        chunk_loss = self.tbptt_step(batch, k, self.chunk_step, accumulate=self.hparams["accumulate"])
+        if chunk_loss is not None:  # None only for an empty batch
+            self.log("train_loss", chunk_loss, prog_bar=True)
         return None  # manual optimization: the optimizer already stepped
 
     @override

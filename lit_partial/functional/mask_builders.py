@@ -140,7 +140,9 @@ def validate_mask_spec(spec: Mapping[str, Any], *, where: str = "mask spec") -> 
             raise MaskError(f"{where}: op={spec['op']!r} is not one of {list(WHERE_OPS)}.")
         value = spec["value"]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise MaskError(f"{where}: value={value!r} must be a number, and finite (NaN compares false everywhere), e.g. 0.0.")
+            raise MaskError(
+                f"{where}: value={value!r} must be a number, and finite (NaN compares false everywhere), e.g. 0.0."
+            )
         spec["value"] = float(value)
     return spec
 
@@ -332,7 +334,7 @@ def resolve_mask_source(selector: str, source: Any, name: str, param: Tensor) ->
     if isinstance(source, Path):
         try:
             stored = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a mask file"
+        except Exception as err:
             raise MaskError(
                 f"masks[{selector!r}]: {str(source)!r} is not a torch-saved mask file ({type(err).__name__}); save one "
                 "with torch.save({parameter_name: mask_tensor}, path)."

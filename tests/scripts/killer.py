@@ -33,7 +33,9 @@ class KillAt(Callback):
     def _kill() -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.step is not None and trainer.global_step == self.step:
             self._kill()
 

@@ -45,14 +45,20 @@ COMPOSITION_CASES = [
         r"partial.freeze_backbone belongs to the partial preset 'freeze_backbone', which is not selected: "
         r"add partial=freeze_backbone",
     ),
-    ("partial=freez_backbone", r"partial=freez_backbone: there is no such partial config; choose one of .*freeze_backbone"),
+    (
+        "partial=freez_backbone",
+        r"partial=freez_backbone: there is no such partial config; choose one of .*freeze_backbone",
+    ),
     ("ckpt_path=/no/such/dir/last.ckpt", r"ckpt_path='/no/such/dir/last.ckpt' is not a file"),
     ("ckpt_path=/no/such/dir/epoch=0-step=8.ckpt", r"ckpt_path='/no/such/dir/epoch=0-step=8.ckpt' is not a file"),
     ("model.lr=nan", r"`lr` must be a finite number > 0, got nan"),
     ("model.lr=inf", r"`lr` must be a finite number > 0, got inf"),
     ("model.lr=-1", r"`lr` must be a finite number > 0, got -1"),
     ("data.classes=[5]", r"`classes` must list at least two different digits"),
-    ("logger=none", r"callbacks.learning_rate_monitor \(LearningRateMonitor\) needs a logger.*callbacks.learning_rate_monitor=null"),
+    (
+        "logger=none",
+        r"callbacks.learning_rate_monitor \(LearningRateMonitor\) needs a logger.*callbacks.learning_rate_monitor=null",
+    ),
     ("pretrain.classes=[4,5]", r"pretrain.classes \[4, 5\] and data.classes \[5, 6, 7, 8, 9\] share digits \[5\]"),
 ]
 
@@ -87,7 +93,9 @@ TECHNIQUE_CASES = [
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("overrides", "pattern"), TECHNIQUE_CASES, ids=["selector", "condition-1.0", "condition-0", "where-nan"])
+@pytest.mark.parametrize(
+    ("overrides", "pattern"), TECHNIQUE_CASES, ids=["selector", "condition-1.0", "condition-0", "where-nan"]
+)
 def test_technique_configuration_errors_stop_before_the_first_step(
     tmp_path: Path, overrides: tuple[str, ...], pattern: str
 ) -> None:
@@ -117,7 +125,11 @@ def test_ddp_spawn_configuration_error_is_the_same_one_line(tmp_path: Path) -> N
     overrides = ("partial=freeze_backbone", "partial.freeze_backbone.frozen=backbonez", *NO_PRETRAIN, *QUIET)
     single = run_job(*overrides, "logger=none", "callbacks=none", run_dir=tmp_path / "one")
     spawned = run_job(
-        *overrides, "logger=none", "callbacks=none", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+        *overrides,
+        "logger=none",
+        "callbacks=none",
+        "trainer.devices=2",
+        "trainer.strategy=ddp_spawn",
         run_dir=tmp_path / "two",
     )
     line = assert_config_error(single, r"backbonez")

@@ -26,9 +26,15 @@ def externally_managed_python() -> str | None:
         if not candidate or not Path(candidate).exists():
             continue
         probe = subprocess.run(
-            [candidate, "-c", "import sysconfig, os, ensurepip; "
-             "print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"],
-            capture_output=True, text=True, timeout=60,
+            [
+                candidate,
+                "-c",
+                "import sysconfig, os, ensurepip; "
+                "print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if probe.stdout.strip() == "True":
             return candidate
@@ -41,12 +47,16 @@ needs_pep668_python = pytest.mark.skipif(PYTHON is None, reason="no python3 with
 
 def make(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    return subprocess.run(["make", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env={**base, **(env or {})})
+    return subprocess.run(
+        ["make", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env={**base, **(env or {})}
+    )
 
 
 @needs_pep668_python
 def test_that_python_refuses_a_system_wide_install() -> None:
-    proc = subprocess.run([PYTHON, "-m", "pip", "install", "--dry-run", "six"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pip", "install", "--dry-run", "six"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "externally-managed-environment" in proc.stderr + proc.stdout
 
 
@@ -79,7 +89,8 @@ def test_make_venv_with_that_python_gives_a_working_pip(tmp_path: Path) -> None:
     shutil.copy(ROOT / "Makefile", clone / "Makefile")
     proc = make("venv", f"PYTHON={PYTHON}", cwd=clone)
     assert proc.returncode == 0, proc.stderr
-    pip = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-m", "pip", "--version"], capture_output=True,
-                         text=True, timeout=120)
+    pip = subprocess.run(
+        [str(clone / ".venv" / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert pip.returncode == 0 and str(clone / ".venv") in pip.stdout
     assert sysconfig.get_path("stdlib")  # the marker lives beside the stdlib of the base interpreter

@@ -67,7 +67,17 @@ def hostile_cases(tmp: Path) -> list[tuple[str, str, Path]]:
     ]
 
 
-IDS = ["torch.load", "builtins.open-w", "torch.save", "numpy.savetxt", "torch.hub.load", "nested", "model", "hydra.callbacks", "broad-root"]
+IDS = [
+    "torch.load",
+    "builtins.open-w",
+    "torch.save",
+    "numpy.savetxt",
+    "torch.hub.load",
+    "nested",
+    "model",
+    "hydra.callbacks",
+    "broad-root",
+]
 
 
 @pytest.mark.timeout(120)
@@ -100,13 +110,22 @@ def test_allowed_targets_resolve_to_classes_of_their_group() -> None:
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
-        ({"partial": {"x": {"_target_": "lit_partial.examples.DigitsClassifier"}}}, r"is a DigitsClassifier, but partial.x must be a Callback"),
+        (
+            {"partial": {"x": {"_target_": "lit_partial.examples.DigitsClassifier"}}},
+            r"is a DigitsClassifier, but partial.x must be a Callback",
+        ),
         ({"model": {"_target_": "lit_partial.LayerFreezing"}}, r"model must be a LightningModule"),
-        ({"partial": {"x": {"_target_": "lit_partial.LayerFreez"}}}, r"cannot be resolved: .*did you mean lit_partial.LayerFreezing"),
+        (
+            {"partial": {"x": {"_target_": "lit_partial.LayerFreez"}}},
+            r"cannot be resolved: .*did you mean lit_partial.LayerFreezing",
+        ),
         ({"partial": {"x": {"_target_": "lit_partial.functional.freeze"}}}, r"is a function, not a class"),
         ({"partial": {"x": {"_target_": "lit_partial._plain.to_plain"}}}, r"private names"),
         ({"partial": {"x": {"_target_": "not a path"}}}, r"must be a dotted import path"),
-        ({"partial": {"x": {"_target_": "lit_partial.LayerFreezing", "_partial_": True}}}, r"_partial_=true is not allowed"),
+        (
+            {"partial": {"x": {"_target_": "lit_partial.LayerFreezing", "_partial_": True}}},
+            r"_partial_=true is not allowed",
+        ),
         ({"model": {"_target_": "os.system"}}, r"model._target_='os.system' is not allowed"),
     ],
 )
@@ -126,6 +145,7 @@ def test_an_explicit_extra_root_allows_its_classes() -> None:
     with pytest.raises(ConfigurationError, match=r"add their package explicitly: \+extra_target_roots"):
         check_targets(OmegaConf.create({"callbacks": {"k": {"_target_": "tests.scripts.killer.KillAt"}}}))
     found = check_targets(
-        OmegaConf.create({"callbacks": {"k": {"_target_": "tests.scripts.killer.KillAt"}}}), extra_roots=["tests.scripts"]
+        OmegaConf.create({"callbacks": {"k": {"_target_": "tests.scripts.killer.KillAt"}}}),
+        extra_roots=["tests.scripts"],
     )
     assert list(found) == ["callbacks.k"]
