@@ -93,7 +93,14 @@ def ensure_pretrained(cfg: DictConfig) -> Path | None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data, classes=list(pre.classes), batch_size=int(pre.batch_size), _convert_="all")
-    model = instantiate(cfg.model, num_classes=len(pre.classes), _convert_="all")
+    classes = {"num_classes": len(pre.classes)} if "num_classes" in cfg.model else {}
+    model = instantiate(cfg.model, **classes, _convert_="all")
+    if not any(k.startswith(f"{pre.transfer}.") for k in model.state_dict()):
+        raise ConfigurationError(
+            f"pretrain.transfer={pre.transfer!r} matches no parameter or buffer of {type(model).__name__}; name one of "
+            f"its modules ({', '.join(sorted({k.split('.')[0] for k in model.state_dict()}))}) or set "
+            "pretrain.enabled=false."
+        )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
@@ -109,12 +116,6 @@ def ensure_pretrained(cfg: DictConfig) -> Path | None:
     trainer.fit(model, datamodule=data)
     prefix = f"{pre.transfer}."
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
-    if not state:
-        raise ConfigurationError(
-            f"pretrain.transfer={pre.transfer!r} matches no parameter or buffer of {type(model).__name__}; name one of "
-            f"its modules ({', '.join(sorted({k.split('.')[0] for k in model.state_dict()}))}) or set "
-            "pretrain.enabled=false."
-        )
     val_acc = float(trainer.callback_metrics.get("val_acc", float("nan")))
     meta = {"classes": [int(c) for c in pre.classes], "val_acc": val_acc, "epochs": int(pre.max_epochs)}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,13 +60,14 @@ COMPOSITION_CASES = [
         r"callbacks.learning_rate_monitor \(LearningRateMonitor\) needs a logger.*callbacks.learning_rate_monitor=null",
     ),
     ("pretrain.classes=[4,5]", r"pretrain.classes \[4, 5\] and data.classes \[5, 6, 7, 8, 9\] share digits \[5\]"),
+    ("model=digits_rnn", r"pretrain.transfer='backbone' matches no parameter or buffer of DigitsRNN.*pretrain.enabled=false"),
 ]
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("override", "pattern"), COMPOSITION_CASES, ids=[c[0] for c in COMPOSITION_CASES])
 def test_configuration_error_is_one_line_with_exit_status_2(tmp_path: Path, override: str, pattern: str) -> None:
-    extra = () if override.startswith("pretrain.") else NO_PRETRAIN
+    extra = () if override.startswith(("pretrain.", "model=")) else NO_PRETRAIN
     proc = run_job(override, *extra, *QUIET, run_dir=tmp_path)
     assert_config_error(proc, pattern)
     assert_nothing_trained(tmp_path)
