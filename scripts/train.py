@@ -222,7 +222,7 @@ def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], techniques: 
         c = json.loads(costs.read_text())
         lines += [
             "",
-            f"costs per step: backward {c['backward_flops'] / 1e6:.1f} MFLOPs, forward {c['forward_flops'] / 1e6:.1f} "
+            f"costs per step: backward {c['backward_flops'] / 1e6:.3g} MFLOPs, forward {c['forward_flops'] / 1e6:.3g} "
             f"MFLOPs, saved activations {c['saved_activation_bytes'] / 1024:.0f} KiB, trainable parameters "
             f"{c['trainable_params']:,.0f}, optimizer state {c['optimizer_state_bytes'] / 1024:.0f} KiB, "
             f"{c['step_time_ms']:.1f} ms",
