@@ -2,8 +2,8 @@
 
 After ``python scripts/train.py -m partial=none,freeze_backbone,...`` Hydra calls :class:`ComparisonReport`
 (``hydra.callbacks`` in ``conf/config.yaml``), which reads every job's ``costs.json`` and writes
-``comparison.md`` (a Markdown table) and ``comparison.png`` (accuracy against backward FLOPs, step time and
-optimizer state) into the sweep folder. On its own: ``python scripts/compare.py <sweep folder>``.
+``comparison.md`` (a Markdown table) and ``comparison.png`` (accuracy against backward FLOPs, saved activation
+bytes and trainable parameters) into the sweep folder. On its own: ``python scripts/compare.py <sweep folder>``.
 
 Example:
     >>> rows = [{"name": "none", "val_acc": 0.98, "backward_flops": 2e6, "forward_flops": 1e6,
@@ -67,27 +67,30 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against the deterministic costs (backward FLOPs, saved activations, trainable parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = (
-        ("backward_flops", "backward MFLOPs per step", 1e6),
-        ("step_time_ms", "ms per training step", 1.0),
-        ("optimizer_state_bytes", "optimizer state (KiB)", 1024.0),
+        ("backward_flops", "backward MFLOPs per step", 1e6, "linear"),
+        ("saved_activation_bytes", "activations saved for backward (KiB)", 1024.0, "linear"),
+        ("trainable_params", "trainable parameters (log scale)", 1.0, "log"),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.6), sharey=True)
-    for ax, (key, label, scale) in zip(axes, panels, strict=True):
-        for r in rows:
-            x = r[key] / scale
-            ax.scatter([x], [r["val_acc"]], s=40)
-            ax.annotate(r["name"], (x, r["val_acc"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    markers = "osD^vP*Xhp<>"
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.8), sharey=True)
+    for ax, (key, label, scale, xscale) in zip(axes, panels, strict=True):
+        for i, r in enumerate(rows):
+            ax.scatter([r[key] / scale], [r["val_acc"]], s=60, marker=markers[i % len(markers)], label=r["name"])
+        ax.set_xscale(xscale)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
-    fig.suptitle("Fine-tuning digits 5-9 from a backbone pretrained on 0-4: accuracy vs cost per technique")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 6), frameon=False)
+    fig.suptitle("Fine-tuning digits 5-9 from a backbone pretrained on 0-4: accuracy against cost, per technique")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
