@@ -144,3 +144,37 @@ def test_checkpoint_names_with_equals_signs_are_accepted(tmp_path: Path, pretrai
 def test_helpers_run_the_real_cli() -> None:
     assert (ROOT / "scripts" / "train.py").is_file() and sys.executable
     assert subprocess.run([sys.executable, "-c", "pass"], timeout=60).returncode == 0
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("first", "changed", "pattern"),
+    [
+        (
+            ("partial=sparse_finetune",),
+            (
+                "partial=sparse_finetune",
+                "partial.sparse_finetune.masks={backbone.*.0.weight:{kind:random,keep:0.2,seed:0}}",
+            ),
+            r"GradientMasking.*different configuration.*accept_config_change=True",
+        ),
+        (
+            ("partial=sparse_finetune",),
+            (),
+            r"checkpoint holds the state of .*GradientMasking.*which this run does not have",
+        ),
+        ((), ("data.batch_size=64",), r"different data settings \(batch_size 96 -> 64\)"),
+    ],
+    ids=["masking-changed", "masking-removed", "batch-size-changed"],
+)
+def test_resuming_with_a_changed_configuration_is_a_one_line_error(
+    tmp_path: Path, pretrain_cache: Path, first: tuple[str, ...], changed: tuple[str, ...], pattern: str
+) -> None:
+    from tests.scripts.test_cli_errors import assert_config_error
+
+    common = (*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    proc = run_job(*common, *first, run_dir=tmp_path / "first")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    proc = run_job(*common, *changed, f"ckpt_path={ckpt}", "trainer.max_epochs=2", run_dir=tmp_path / "second")
+    assert_config_error(proc, pattern)
