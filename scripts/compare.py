@@ -45,7 +45,10 @@ def _reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ratio(value: float, ref: float) -> str:
-    return f"{value / ref:.2f}x" if ref and not math.isnan(value) else "-"
+    if not ref or math.isnan(value) or math.isnan(ref):
+        return "-"
+    ratio = value / ref
+    return f"{ratio:.2g}x" if 0 < ratio < 0.1 else f"{ratio:.2f}x"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
