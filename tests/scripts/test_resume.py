@@ -158,15 +158,10 @@ def test_helpers_run_the_real_cli() -> None:
             ),
             r"GradientMasking.*different configuration.*accept_config_change=True",
         ),
-        pytest.param(
+        (
             ("partial=sparse_finetune",),
             (),
-            r"checkpoint holds the state of .*GradientMasking.*which this run does not have",
-            marks=pytest.mark.xfail(
-                reason="callback side: a removed technique is only detected when another lit_partial technique is in "
-                "the resumed run; with partial=none nothing checks the checkpoint's technique states",
-                strict=False,
-            ),
+            r"checkpoint holds the state of a GradientMasking.*which this run does not have",
         ),
         ((), ("data.batch_size=64",), r"different data settings \(batch_size 96 -> 64\)"),
     ],
