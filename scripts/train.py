@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from lit_partial.callbacks.base import Technique
 from lit_partial.config import check_targets, register_configs
 from lit_partial.errors import ConfigurationError
 from lit_partial.summary import format_summary, summarize
@@ -147,6 +148,27 @@ def _output_dir(cfg: DictConfig) -> Path:
     return Path(str(cfg.paths.output_dir))
 
 
+class TechniqueReport(Callback):
+    """Writes every technique's ``run_summary()`` to a JSON file on rank 0 at the end of fit.
+
+    The techniques that trained live in the worker processes under ``ddp_spawn``, not in the process that
+    prints the report, so their summaries travel through this file (like the costs in ``costs.json``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            summaries = [
+                [type(cb).__name__, list(cb.run_summary())]
+                for cb in trainer.callbacks  # type: ignore[attr-defined]
+                if isinstance(cb, Technique)
+            ]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(summaries, indent=2) + "\n")
+
+
 def _run_name(cfg: DictConfig) -> str:
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get("partial")
@@ -195,7 +217,7 @@ def _train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...]) -> dict[str, 
         callbacks.append(
             CostMeter(every_n_steps=int(cfg.costs.every_n_steps), path=out / "costs.json", name=_run_name(cfg))
         )
-    callbacks += list(extra_callbacks)
+    callbacks += [TechniqueReport(out / "techniques.json"), *extra_callbacks]
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     if isinstance(trainer_kwargs.get("strategy"), dict):
         trainer_kwargs["strategy"] = instantiate(trainer_kwargs["strategy"], _convert_="all")
@@ -204,19 +226,18 @@ def _train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...]) -> dict[str, 
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
-        _report(cfg, model, metrics, technique_callbacks, out)
+        _report(cfg, model, metrics, out)
     return metrics
 
 
-def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], techniques: list[Callback], out: Path) -> None:
+def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], out: Path) -> None:
     if any(math.isnan(v) or math.isinf(v) for k, v in metrics.items() if "loss" in k):
         log.warning("warning: a loss is not finite; lower model.lr or check the data.")
     lines = ["", "final metrics:", *(f"{name}: {value:.6g}" for name, value in sorted(metrics.items()))]
     lines += ["", "what took part in backprop (at the end of the run):", format_summary(summarize(model))]
-    for cb in techniques:
-        run_summary = getattr(cb, "run_summary", None)
-        if callable(run_summary):
-            lines += ["", f"{type(cb).__name__} over the run:", *(f"  {line}" for line in run_summary())]
+    report = out / "techniques.json"
+    for name, summary in json.loads(report.read_text()) if report.is_file() else []:
+        lines += ["", f"{name} over the run:", *(f"  {line}" for line in summary)]
     costs = out / "costs.json"
     if costs.is_file():
         c = json.loads(costs.read_text())

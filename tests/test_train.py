@@ -85,7 +85,7 @@ def test_cli_run_logs_to_train_log_and_prints_no_lightning_noise(tmp_path: Path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_process_ddp_spawn_run(tmp_path: Path) -> None:
+def test_two_process_ddp_spawn_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Each rank sees half the data per epoch, so 10 epochs take as many steps as 5 single-process ones.
     cfg = compose_main(
         "trainer=ddp",
@@ -93,9 +93,12 @@ def test_two_process_ddp_spawn_run(tmp_path: Path) -> None:
         "callbacks=none",
         "logger=none",
         "pretrain.enabled=false",
+        "partial=memory_monitor",
         *QUIET,
         output_dir=str(tmp_path),
     )
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp_spawn"
     metrics = train(cfg)
     assert metrics["val_acc"] >= 0.9  # learns as the single-process job does
+    # the techniques trained in the worker processes; their summaries still reach the report
+    assert "ActivationMemoryMonitor over the run:" in capsys.readouterr().out
