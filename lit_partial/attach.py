@@ -236,7 +236,9 @@ class _Registry:
 
 _gates = _Registry(GATES_ATTR)
 _transforms = _Registry(TRANSFORMS_ATTR)
-_WATCH = object()  # the key under which a gate watcher is kept in the gates registry
+# The key under which gate watchers are kept in the gates registry: a string no gate can have (Dynamo cannot
+# compare an object() key, so a compiled forward would break its graph at every gate).
+_WATCH = "\0watchers"
 
 
 def register_gate(model: nn.Module, name: str, fn: GateFn) -> Handle:

@@ -12,12 +12,20 @@ form                                                    holds when
 ``{"every_n_steps": n, "offset": k}``                   ``global_step % n == k`` (``offset`` optional)
 ``{"probability": p, "seed": s}``                       a draw below ``p``, the same on every rank
 ``{"stat": s, "op": o, "value": v}``                    ``stat(activation) o v``, e.g. mean > 0
+``{"metric": m, "op": o, "value": v}``                  the last logged value of ``m`` satisfies ``o v``
+``{"plateau": m, "mode": "min", "patience": p}``        ``m`` has not improved for ``p`` evaluations
 ``{"all": [...]}`` / ``{"any": [...]}``                 every / some listed condition holds
 ======================================================  ===============================================
 
 Probability draws are a pure function of ``(seed, salt, global_step, batch_idx)``: identical on every
 rank and after resume, independent of global RNG state. ``salt`` distinguishes rules (callbacks pass
 the rule's name).
+
+Metric conditions read :attr:`StepContext.metrics`: the values of each metric at the evaluations so far
+(callbacks record them as Lightning's ``EarlyStopping`` checks its monitor, the same on every rank, and save
+them for resume). ``{"plateau": "val_loss", "mode": "min", "patience": 2, "min_delta": 0.0}`` holds while the
+last ``patience`` evaluations brought no improvement over the best value before them (improvement: lower than
+the best by more than ``min_delta`` for ``"min"``, higher for ``"max"``; NaN never improves).
 
 Example:
     >>> cond = parse_condition({"epochs": [0, 3]})
@@ -26,10 +34,14 @@ Example:
     >>> p = parse_condition({"probability": 0.5, "seed": 1})
     >>> p(StepContext(global_step=7), salt="head") == p(StepContext(global_step=7), salt="head")
     True
+    >>> plateau = parse_condition({"plateau": "val_loss", "mode": "min", "patience": 2})
+    >>> plateau(StepContext(metrics={"val_loss": (0.9, 0.5, 0.6, 0.55)}))
+    True
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import zlib
@@ -54,19 +66,25 @@ __all__ = [
     "ConditionError",
     "EpochWindow",
     "EveryNSteps",
+    "Metric",
     "Never",
+    "Plateau",
     "Probability",
     "Statistic",
     "StepContext",
     "StepWindow",
+    "metric_names",
     "parse_condition",
+    "plateau_wait",
+    "salt_hash",
     "uniform_draw",
 ]
 
 VALID_FORMS = (
     '"always", "never", {"epochs": [a, b]}, {"steps": [a, b]}, {"every_n_steps": n}, '
     '{"probability": p}, {"stat": "mean"|"max"|"min"|"norm"|"std"|"abs_mean", "op": ">"|">="|"<"|"<="|"=="|"!=", '
-    '"value": v}, {"all": [...]}, {"any": [...]}'
+    '"value": v}, {"metric": name, "op": ..., "value": v}, {"plateau": name, "mode": "min"|"max", "patience": p, '
+    '"min_delta": d}, {"all": [...]}, {"any": [...]}'
 )
 
 
@@ -81,6 +99,8 @@ class StepContext:
         training: False during validation, test and predict.
         sharded: True under a strategy that shards parameters (FSDP2): decisions that depend on per-rank data
             are then taken once for all ranks (:func:`lit_partial.distributed.holds_on_all_ranks`).
+        metrics: For metric conditions: each metric's values at the evaluations so far, oldest first
+            (None: no metric recorded).
     """
 
     epoch: int = 0
@@ -88,6 +108,7 @@ class StepContext:
     batch_idx: int = 0
     training: bool = True
     sharded: bool = False
+    metrics: Mapping[str, Sequence[float]] | None = None
 
     @classmethod
     def from_trainer(cls, trainer: Any, batch_idx: int = 0) -> StepContext:
@@ -106,6 +127,12 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=65536)
+def salt_hash(salt: str) -> int:
+    """``zlib.crc32`` of the salt, computed once per salt (rule and module names are few and fixed)."""
+    return zlib.crc32(salt.encode())
+
+
 def uniform_draw(seed: int, salt: str, *counters: int) -> float:
     """A deterministic uniform number in ``[0, 1)`` from a seed, a salt string and integer counters.
 
@@ -113,7 +140,7 @@ def uniform_draw(seed: int, salt: str, *counters: int) -> float:
         >>> uniform_draw(0, "blocks.3", 10) == uniform_draw(0, "blocks.3", 10)
         True
     """
-    state = _mix64(seed & 0xFFFFFFFFFFFFFFFF ^ zlib.crc32(salt.encode()))
+    state = _mix64(seed & 0xFFFFFFFFFFFFFFFF ^ salt_hash(salt))
     for counter in counters:
         state = _mix64(state ^ (counter & 0xFFFFFFFFFFFFFFFF))
     return (state >> 11) / float(1 << 53)
@@ -133,6 +160,11 @@ class Condition(ABC):
     def is_random(self) -> bool:
         """True when the decision uses a (seeded) draw."""
         return False
+
+    @property
+    def metrics(self) -> frozenset[str]:
+        """Names of the logged metrics the condition reads (see :attr:`StepContext.metrics`)."""
+        return frozenset()
 
 
 @dataclass(frozen=True)
@@ -266,6 +298,10 @@ class AllOf(Condition):
     def is_random(self) -> bool:  # noqa: D102
         return any(c.is_random for c in self.conditions)
 
+    @property
+    def metrics(self) -> frozenset[str]:  # noqa: D102
+        return frozenset().union(*(c.metrics for c in self.conditions))
+
 
 @dataclass(frozen=True)
 class AnyOf(AllOf):
@@ -273,6 +309,66 @@ class AnyOf(AllOf):
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
         return any(c(ctx, x, salt=salt) for c in self.conditions)
+
+
+def _history(ctx: StepContext, name: str) -> Sequence[float]:
+    return ctx.metrics.get(name, ()) if ctx.metrics is not None else ()
+
+
+@dataclass(frozen=True)
+class Metric(Condition):
+    """Holds when the last recorded value of metric ``name`` satisfies ``value op threshold`` (never before one)."""
+
+    name: str
+    op: str
+    value: float
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        history = _history(ctx, self.name)
+        return bool(history) and bool(COMPARISONS[self.op](history[-1], self.value))
+
+    @property
+    def metrics(self) -> frozenset[str]:  # noqa: D102
+        return frozenset({self.name})
+
+
+def plateau_wait(history: Sequence[float], mode: str = "min", min_delta: float = 0.0) -> int:
+    """Evaluations since the last improvement of ``history`` (0 when the last value improved or is the first).
+
+    Example:
+        >>> plateau_wait([1.0, 0.8, 0.81, 0.8]), plateau_wait([1.0, 0.8, 0.7]), plateau_wait([0.5, 0.6], "max")
+        (2, 0, 0)
+    """
+    best, wait = math.nan, 0
+    for value in history:
+        improved = math.isnan(best) and not math.isnan(value)
+        if not improved and not math.isnan(value):
+            improved = value < best - min_delta if mode == "min" else value > best + min_delta
+        best, wait = (value, 0) if improved else (best, wait + 1)
+    return wait
+
+
+@dataclass(frozen=True)
+class Plateau(Condition):
+    """Holds while the last ``patience`` evaluations of metric ``name`` brought no improvement (see the module doc)."""
+
+    name: str
+    mode: str = "min"
+    patience: int = 1
+    min_delta: float = 0.0
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        history = _history(ctx, self.name)
+        return bool(history) and plateau_wait(history, self.mode, self.min_delta) >= self.patience
+
+    @property
+    def metrics(self) -> frozenset[str]:  # noqa: D102
+        return frozenset({self.name})
+
+
+def metric_names(condition: Condition) -> frozenset[str]:
+    """The logged metrics ``condition`` reads (empty for conditions of the step, draws and statistics)."""
+    return condition.metrics
 
 
 def _int(spec: Mapping[str, Any], key: str, value: Any, *, minimum: int = 0, allow_none: bool = False) -> int | None:
@@ -312,6 +408,42 @@ def _statistic(spec: Mapping[str, Any]) -> Statistic:
     return Statistic(stat, op, float(value))
 
 
+def _metric_name(spec: Mapping[str, Any], key: str) -> str:
+    name = spec.get(key)
+    if not isinstance(name, str) or not name.strip():
+        raise ConditionError(
+            f"condition {dict(spec)!r}: `{key}` must name a logged metric (a non-empty string such as 'val_loss'), "
+            f"got {name!r}."
+        )
+    return name
+
+
+def _metric(spec: Mapping[str, Any]) -> Metric:
+    op, value = spec.get("op"), spec.get("value")
+    if op not in COMPARISONS:
+        raise ConditionError(f"condition {dict(spec)!r}: `op` must be one of {list(COMPARISONS)}, got {op!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConditionError(f"condition {dict(spec)!r}: `value` must be a finite number, got {value!r}.")
+    return Metric(_metric_name(spec, "metric"), op, float(value))
+
+
+def _plateau(spec: Mapping[str, Any]) -> Plateau:
+    mode = spec.get("mode", "min")
+    if mode not in ("min", "max"):
+        raise ConditionError(
+            f"condition {dict(spec)!r}: `mode` must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. accuracy), "
+            f"got {mode!r}."
+        )
+    patience = _int(spec, "patience", spec.get("patience", 1), minimum=1)
+    min_delta = spec.get("min_delta", 0.0)
+    if isinstance(min_delta, bool) or not isinstance(min_delta, int | float) or not 0.0 <= min_delta < math.inf:
+        raise ConditionError(
+            f"condition {dict(spec)!r}: `min_delta` must be a finite number >= 0 (the smallest change that counts as "
+            f"an improvement), got {min_delta!r}."
+        )
+    return Plateau(_metric_name(spec, "plateau"), mode, patience or 1, float(min_delta))
+
+
 _FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
     "epochs": ({"epochs"}, lambda s: EpochWindow(*_window(s, "epochs"))),
     "steps": ({"steps"}, lambda s: StepWindow(*_window(s, "steps"))),
@@ -323,6 +455,8 @@ _FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
     ),
     "probability": ({"probability", "seed"}, _probability),
     "stat": ({"stat", "op", "value"}, _statistic),
+    "metric": ({"metric", "op", "value"}, _metric),
+    "plateau": ({"plateau", "mode", "patience", "min_delta"}, _plateau),
     "all": ({"all"}, lambda s: AllOf(_sub_conditions(s, "all"))),
     "any": ({"any"}, lambda s: AnyOf(_sub_conditions(s, "any"))),
 }

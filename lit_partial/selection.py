@@ -41,6 +41,7 @@ __all__ = [
     "SelectorError",
     "Selectors",
     "as_selector_list",
+    "canonical_name",
     "count_match_operations",
     "describe_ties",
     "match_names",
@@ -149,6 +150,18 @@ def _unwrapped(name: str) -> str:
     if "_orig_mod" not in name and "_wrapped_module" not in name:  # the common case, without splitting
         return name
     return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
+def canonical_name(name: str) -> str:
+    """The name without wrapper components: the same for a module whether or not a wrapper was inserted above it.
+
+    Callbacks salt their random draws with it, so compiling a submodule in place does not change the draws.
+
+    Example:
+        >>> canonical_name("backbone._orig_mod.0.weight")
+        'backbone.0.weight'
+    """
+    return _unwrapped(name)
 
 
 class _MatchCounter:

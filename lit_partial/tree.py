@@ -200,6 +200,11 @@ def map_tensors(
             f"lit_partial.tree.register_tensor_holder({type(x).__qualname__})."
         )
 
+    if torch.compiler.is_compiling():
+        # Dynamo does not call _LeafMeta.__instancecheck__ (`isinstance(x, _Leaf)` is False for every x inside a
+        # compiled region, so nothing would be mapped: a detach would silently do nothing). There, walk with plain
+        # classes: tensors and tensor holders are the leaves, other values pass through unchanged.
+        return apply_to_collection(value, (Tensor, *_holders, *_hf_cache_types()), leaf)
     try:
         return apply_to_collection(value, _Leaf, leaf)
     except ValueError as err:

@@ -6,9 +6,10 @@ graph that changes from step to step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -18,9 +19,11 @@ from typing_extensions import override
 
 from lit_partial._plain import to_plain
 from lit_partial.attach import watch_gates
+from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import (
     AllOf,
+    Always,
     AnyOf,
     Condition,
     ConditionError,
@@ -34,7 +37,7 @@ from lit_partial.distributed import allow_unused_parameters, holds_on_all_ranks
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
 from lit_partial.module import PartialBackpropMixin
-from lit_partial.selection import SelectorError, as_selector_list, select_modules
+from lit_partial.selection import SelectorError, as_selector_list, canonical_name, select_modules
 from lit_partial.tree import first_tensor
 
 GATE_PREFIX = "gate:"
@@ -148,14 +151,183 @@ def apply_rule(rule: Rule, ctx: StepContext, name: str, output: Any) -> tuple[An
     Returns the (possibly) changed output and the decision (a bool, or a ``(B,)`` bool tensor per sample).
     """
     decision = decide(rule, ctx, first_tensor(output), salt=name)
+    return apply_decision(rule, decision, output), decision
+
+
+def may_hold(decision: Tensor) -> bool:
+    """Whether a per-sample decision may hold for some row (True while compiling: no host sync in a graph).
+
+    Under ``torch.compile`` the row-wise ``where`` is applied even when no row holds: it changes nothing
+    (forward values and gradients are bit-identical), and reading ``decision.any()`` would break the graph.
+    """
+    return torch.compiler.is_compiling() or bool(decision.any())
+
+
+def apply_decision(rule: Rule, decision: bool | Tensor, output: Any) -> Any:
+    """Detach or scale the gradient through ``output`` as ``rule`` says, for a decision already made."""
     if rule.grad_scale == 0.0:
-        return detach_if(output, decision), decision
+        return detach_if(output, decision)
     if isinstance(decision, bool):
-        return (scale_grad(output, rule.grad_scale) if decision else output), decision
-    if not bool(decision.any()):
-        return output, decision
+        return scale_grad(output, rule.grad_scale) if decision else output
+    if not may_hold(decision):
+        return output
     factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]
-    return scale_grad(output, factors), decision
+    return scale_grad(output, factors)
+
+
+# -- decisions made before the step (what keeps hooks compile-friendly) ----------------------------------------
+#
+# Hooks run inside the model's forward, i.e. inside a compiled region when the model is compiled. Anything a hook
+# reads that changes every step (the step number, a draw, a counter) would make Dynamo recompile every step, and
+# zlib.crc32 or Tensor.item() would break the graph. So every rule is decided in on_train_batch_start, in plain
+# Python, for every target (module or gate) it acts on; the hook reads only `Target.decision`: None (not in a
+# training step), a bool, or a (B,) bool tensor. Dynamo guards a bool by value and a tensor by its metadata, so a
+# compiled model gets one graph per distinct pattern of decisions. What a rule can only decide on the activation
+# (statistics) is left as a bound condition whose other leaves are already decided, and evaluated in the hook.
+
+EVALUATE = "evaluate"  # Target.decision when the hook must evaluate `Target.bound` on the activation
+_ALWAYS, _NEVER = Always(), Never()
+_NO_CONTEXT = StepContext()  # what a bound condition is called with: its step-dependent leaves are decided already
+
+
+@dataclass(frozen=True)
+class _Rows(Condition):
+    """A per-sample draw of ``source`` made before the step: row mask ``Target.rows[index]``."""
+
+    index: int
+    source: Probability
+
+    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:
+        raise ConditionError("a per-sample draw has no whole-batch value")  # pragma: no cover - never bound so
+
+
+@dataclass(eq=False)
+class Target:
+    """One module or gate a rule acts on, and the rule's decision for the current training step.
+
+    Attributes:
+        rule: The rule.
+        name: The module or gate name (the salt of the rule's draws).
+        decision: None outside training steps; a bool, or a ``(B,)`` bool CPU tensor for per-sample rules, when
+            decided before the step; :data:`EVALUATE` when the hook evaluates :attr:`bound` on the activation.
+        bound: The rule's condition with every leaf but activation statistics decided for this step.
+        rows: Per-sample draws of this step that :attr:`bound` refers to.
+        ctx: This step's context (only for per-sample draws whose batch size is known only in forward, and for
+            statistics decided over all ranks).
+        sharded: Whether this step runs under a sharded strategy (FSDP2): whole-batch statistics are then decided
+            over all ranks (:func:`lit_partial.distributed.holds_on_all_ranks`).
+        observed: Where the hook puts the decisions it makes itself, for counting after the step.
+    """
+
+    rule: Rule
+    name: str
+    decision: bool | Tensor | str | None = None
+    bound: Condition = _NEVER
+    rows: list[Tensor] = field(default_factory=list)
+    ctx: StepContext = _NO_CONTEXT
+    sharded: bool = False
+    observed: list[tuple[str, bool | Tensor]] = field(default_factory=list)
+    _interned: dict[Condition, Condition] = field(default_factory=dict)
+
+    def begin(self, ctx: StepContext, batch_size: int | None) -> tuple[float, float] | None:
+        """Decide the rule for this step; returns ``(hits, total)`` when decided, None when left to the hook."""
+        rule, rows = self.rule, list[Tensor]()
+        bound = _bind(rule.condition, ctx, self.name, rule.per_sample, rows, batch_size)
+        # The same object for the same pattern: Dynamo guards objects by identity.
+        self.bound = self._interned.setdefault(bound, bound)
+        self.rows, self.ctx, self.sharded = rows, ctx, ctx.sharded
+        if not rule.per_sample and isinstance(bound, Always | Never):
+            self.decision = isinstance(bound, Always)
+            return float(self.decision), 1.0
+        if rule.per_sample and batch_size is not None and _decided(bound):
+            mask = _row_mask(bound, self, None, batch_size)
+            self.decision = mask
+            return float(mask.sum()), float(mask.numel())
+        self.decision = EVALUATE
+        return None
+
+    def end(self) -> None:
+        """Leave the training step: the hook passes everything through again."""
+        self.decision, self.rows, self.ctx = None, [], _NO_CONTEXT
+
+    def resolve(self, output: Any) -> bool | Tensor | None:
+        """The decision on ``output`` (the module's output, or its input for skips); None outside training steps."""
+        decision = self.decision
+        if decision is None or isinstance(decision, bool | Tensor):
+            return decision
+        x = first_tensor(output)
+        rule = self.rule
+        if x is None:
+            raise ConditionError(
+                f"rule {rule.key!r} on {self.name!r} needs a floating-point tensor (a statistic or per-sample rule), "
+                "but the module's output holds none; rule on a module that returns a float tensor, tuple or dict of "
+                "them."
+            )
+        if rule.per_sample:
+            if x.dim() == 0:
+                raise ConditionError(
+                    f"per-sample rule {rule.key!r} on {self.name!r} got a 0-d tensor; it needs a batch dim."
+                )
+            made: bool | Tensor = _row_mask(self.bound, self, x, x.shape[0])
+        elif self.sharded:  # FSDP2: the statistic over all ranks, so every rank runs the same collectives
+            made = holds_on_all_ranks(self.bound, self.ctx, x, self.name)
+        else:
+            made = bool(self.bound(_NO_CONTEXT, x, salt=self.name))  # a statistic: the data choose the graph
+        self.observed.append((rule.key, made))
+        return made
+
+
+def _decided(cond: Condition) -> bool:
+    """True when ``cond`` (bound) needs no activation: only decided leaves and precomputed row draws."""
+    if isinstance(cond, AllOf):
+        return all(_decided(c) for c in cond.conditions)
+    return isinstance(cond, Always | Never | _Rows)
+
+
+def _bind(
+    cond: Condition, ctx: StepContext, salt: str, per_sample: bool, rows: list[Tensor], batch_size: int | None
+) -> Condition:
+    """``cond`` with every leaf that does not read the activation decided at ``ctx`` (Always / Never / _Rows)."""
+    if isinstance(cond, Statistic):
+        return cond
+    if isinstance(cond, AllOf):  # AnyOf too
+        either = isinstance(cond, AnyOf)
+        absorbing, neutral = (_ALWAYS, _NEVER) if either else (_NEVER, _ALWAYS)
+        parts = [_bind(c, ctx, salt, per_sample, rows, batch_size) for c in cond.conditions]
+        if any(p == absorbing for p in parts):
+            return absorbing
+        kept = tuple(p for p in parts if p != neutral)
+        return neutral if not kept else kept[0] if len(kept) == 1 else type(cond)(kept)
+    if per_sample and isinstance(cond, Probability):
+        if batch_size is None:
+            return cond  # drawn in the hook, at the activation's batch size
+        rows.append(cond.per_sample(ctx, batch_size, salt=salt))
+        return _Rows(len(rows) - 1, cond)
+    return _ALWAYS if cond(ctx, None, salt=salt) else _NEVER
+
+
+def _row_mask(cond: Condition, target: Target, x: Tensor | None, batch_size: int) -> Tensor:
+    """A bound condition per batch row: a ``(batch_size,)`` bool tensor (on ``x``'s device when given)."""
+    device = x.device if x is not None else None
+    if isinstance(cond, _Rows):
+        mask = target.rows[cond.index]
+        if mask.shape[0] != batch_size:  # the module's batch differs from the loader's: draw at its size
+            mask = cond.source.per_sample(target.ctx, batch_size, salt=target.name)
+        return mask.to(device) if device is not None else mask
+    if isinstance(cond, Probability):
+        return cond.per_sample(target.ctx, batch_size, salt=target.name, device=device)
+    if isinstance(cond, Statistic):
+        return cond.per_sample(x)  # type: ignore[arg-type]  # statistics are bound only where x is given
+    if isinstance(cond, AllOf):
+        masks = torch.stack([_row_mask(c, target, x, batch_size) for c in cond.conditions])
+        return masks.any(0) if isinstance(cond, AnyOf) else masks.all(0)
+    return torch.full((batch_size,), isinstance(cond, Always), dtype=torch.bool, device=device)
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The first dimension of the first tensor of ``batch`` (None if it holds no tensor with a dimension)."""
+    t = first_tensor(batch, floating=False)
+    return int(t.shape[0]) if t is not None and t.dim() > 0 else None
 
 
 def resolve_targets(
@@ -207,7 +379,12 @@ def _matches_any(model: nn.Module, key: str) -> bool:
 
 
 class DynamicGraphCallback(Technique):
-    """Base of the conditional callbacks: step context, counters, logging, gate checks, DDP setup, resume."""
+    """Base of the conditional callbacks: decisions per step, counters, logging, gate checks, DDP setup, resume.
+
+    Every rule is decided for every target at the start of each training step (:meth:`begin_step`), outside
+    the model's forward, so hooks only read :attr:`Target.decision` and a compiled model recompiles only for a
+    new pattern of decisions (see the ``torch.compile`` section of the README).
+    """
 
     log_prefix = "dynamic"
     verb = "held"
@@ -222,6 +399,11 @@ class DynamicGraphCallback(Technique):
         self.epoch_counts: dict[str, list[float]] = {key: [0.0, 0.0] for key in rules}
         self.totals: dict[str, list[float]] = {key: [0.0, 0.0] for key in rules}
         self._counts_epoch = 0  # the epoch epoch_counts belong to
+        self._step_targets: dict[str, Target] = {}  # module or gate name -> its rule and this step's decision
+        self._observed: list[tuple[str, bool | Tensor]] = []  # decisions hooks made on activations this step
+        self.metric_recorder = MetricRecorder(
+            (name for rule in rules.values() for name in rule.condition.metrics), who=type(self).__name__
+        )
         self._gates: list[str] = []
         self._gates_seen: set[str] = set()
         self._gate_watch: Any = None
@@ -239,13 +421,47 @@ class DynamicGraphCallback(Technique):
         name = type(self).__name__
         return [f"{name} {key}: {self.verb} {100.0 * f:.1f}% of decisions" for key, f in self.fractions().items()]
 
+    # -- the step ------------------------------------------------------------------------------------------
+    def target(self, rule: Rule, name: str) -> Target:
+        """The :class:`Target` of ``rule`` on module or gate ``name`` (created once; hooks read its decision)."""
+        found = self._step_targets.get(name)
+        if found is None or found.rule is not rule:
+            # Draws are salted with the canonical name: compiling a submodule in place (which inserts `_orig_mod`
+            # into the names below it) must not change them.
+            found = self._step_targets[name] = Target(rule, canonical_name(name), observed=self._observed)
+        return found
+
+    def begin_step(self, ctx: StepContext, batch: Any = None) -> None:
+        """Decide every rule on every target for the training step at ``ctx`` (``batch``: its size for draws)."""
+        self._ctx = ctx
+        size = batch_size_of(batch)
+        for target in self._step_targets.values():
+            counted = target.begin(ctx, size)
+            if counted is not None:
+                self._count(target.rule.key, *counted)
+
+    def end_step(self) -> None:
+        """Count what hooks decided on activations, and let hooks pass everything through until the next step."""
+        for key, decision in self._observed:
+            if isinstance(decision, Tensor):  # stays on its device: float() here would sync the GPU per step
+                self._count(key, decision.sum(), float(decision.numel()))
+            else:
+                self._count(key, float(decision), 1.0)
+        self._observed.clear()
+        for target in self._step_targets.values():
+            target.end()
+        self._ctx = None
+
     # -- hooks ---------------------------------------------------------------------------------------------
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         who = type(self).__name__
+        self._step_targets = {}
+        self._observed.clear()
         self._attach_rules(pl_module)
+        self.metric_recorder.setup(trainer)
         if self._gates:
-            self._gates_seen = set()
+            self._gates_seen.clear()
             self._gate_watch = self.handles.add(watch_gates(pl_module, self._gates_seen))
         if any(rule.cuts_graph for rule in self.rules.values()):
             # Runs before the strategy wraps the model: the only point where DDP's options can still change.
@@ -253,19 +469,22 @@ class DynamicGraphCallback(Technique):
 
     @override
     def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
-        self._ctx = None
+        self.end_step()
+        self._step_targets = {}
         self._gate_watch = None
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._ctx = StepContext.from_trainer(trainer, batch_idx)
         if trainer.current_epoch != self._counts_epoch:  # not in on_train_epoch_start: a resume may skip that hook
             self._counts_epoch = trainer.current_epoch
             self.epoch_counts = {key: [0.0, 0.0] for key in self.rules}
-        if self._gate_watch is not None:  # gates that ran only in the sanity check do not count
-            self._gates_seen.clear()
+        self._gates_seen.clear()  # gates that ran only in the sanity check (or validation) do not count
+        ctx = StepContext.from_trainer(trainer, batch_idx)
+        if self.metric_recorder:
+            ctx = dataclasses.replace(ctx, metrics=self.metric_recorder.view())
+        self.begin_step(ctx, batch)
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
@@ -276,10 +495,16 @@ class DynamicGraphCallback(Technique):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._check_gates(pl_module)
-        self._ctx = None
+        self._gates_seen.clear()  # empty whenever a forward starts: a compiled forward sees the same set every time
+        self.end_step()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_validation_end(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_train_epoch_end(trainer)
         if not self.log:
             return
         # Every rank logs every key once per epoch, so the cross-rank mean (sync_dist) cannot wait on a missing key.
@@ -289,11 +514,14 @@ class DynamicGraphCallback(Technique):
 
     @override
     def technique_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "totals": {key: [float(v) for v in value] for key, value in self.totals.items()},
             "epoch_counts": {key: [float(v) for v in value] for key, value in self.epoch_counts.items()},
             "counts_epoch": self._counts_epoch,
         }
+        if self.metric_recorder:
+            state["metrics"] = self.metric_recorder.state()
+        return state
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
@@ -302,6 +530,7 @@ class DynamicGraphCallback(Technique):
             for key, value in state.get(attr, {}).items():
                 counts[key] = list(value)
         self._counts_epoch = int(state.get("counts_epoch", self._counts_epoch))
+        self.metric_recorder.load(state.get("metrics"))
 
     # -- for subclasses ------------------------------------------------------------------------------------
     def _attach_rules(self, model: nn.Module) -> None:
@@ -310,19 +539,19 @@ class DynamicGraphCallback(Technique):
     def _ddp_reason(self) -> str:
         raise NotImplementedError
 
-    def _count(self, key: str, decision: bool | Tensor) -> None:
-        # Per-sample decisions stay on their device: float() here would sync the GPU once per rule per step.
-        # Counts become floats only where they are read (fractions, logging, state_dict).
-        hits, total = (decision.sum(), decision.numel()) if isinstance(decision, Tensor) else (float(decision), 1)
+    def _count(self, key: str, hits: float | Tensor, total: float) -> None:
+        # Hits of per-sample decisions made in forward stay on their device (a 0-d tensor): float() here would sync
+        # the GPU once per rule per step. Counts become floats only where they are read (fractions, logging, state).
         for counts in (self.totals.setdefault(key, [0.0, 0.0]), self.epoch_counts.setdefault(key, [0.0, 0.0])):
             counts[0] += hits  # type: ignore[assignment]  # a 0-d tensor for per-sample rules: no sync here
             counts[1] += total
 
     def _check_gates(self, pl_module: nn.Module) -> None:
+        # Once, after the first training forward. The watcher stays attached until teardown: removing it would
+        # change what a compiled forward reads, and cost one recompilation.
         if self._gate_watch is None or self._ctx is None:
             return
-        watch, self._gate_watch = self._gate_watch, None
-        watch.remove()
+        self._gate_watch = None
         missing = [key for key in self._gates if key.removeprefix(GATE_PREFIX) not in self._gates_seen]
         if missing:
             raise SelectorError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,13 +12,14 @@ from torch import nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.callbacks._rules import Rule, apply_rule, parse_rules
+from lit_partial.callbacks._metrics import MetricRecorder
+from lit_partial.callbacks._rules import Rule, Target, apply_decision, batch_size_of, parse_rules
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import StepContext
 from lit_partial.distributed import allow_unused_parameters
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
-from lit_partial.selection import Selectors, as_selector_list, preview, select_modules
+from lit_partial.selection import Selectors, as_selector_list, canonical_name, preview, select_modules
 
 __all__ = ["ActivationDetach"]
 
@@ -40,7 +42,9 @@ class ActivationDetach(Technique):
     Everything acts only inside training steps: validation, test, predict and direct calls outside the
     trainer run the model untouched. All hooks and wrapped ``forward`` s are removed at ``teardown``. Under
     DDP, ``at`` makes the strategy use ``find_unused_parameters=True`` (the cut-off parameters get no
-    gradient). The callback has no state to save: conditions are functions of the step.
+    gradient). Conditions are decided at the start of each training step, outside the model's forward (so a
+    compiled model recompiles only per distinct decision); the only state to save is the history of the metrics
+    that metric conditions read.
 
     Args:
         at: Module selectors whose outputs are detached, or ``{selector: condition}``.
@@ -94,7 +98,11 @@ class ActivationDetach(Technique):
         self.checkpoint = as_selector_list(checkpoint, argument="checkpoint") if checkpoint is not None else []
         self.offload = as_selector_list(offload, argument="offload") if offload is not None else []
         self.segments = segments
-        self._ctx: StepContext | None = None  # set only inside training steps
+        self._active = False  # True only inside training steps (a bool: a compiled forward guards it by value)
+        self._step_targets: list[Target] = []
+        self.metric_recorder = MetricRecorder(
+            (name for rule in self.at.values() for name in rule.condition.metrics), who="ActivationDetach"
+        )
 
     @override
     def config(self) -> dict[str, Any]:
@@ -106,7 +114,7 @@ class ActivationDetach(Technique):
         }
 
     def _is_active(self) -> bool:
-        return self._ctx is not None
+        return self._active
 
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -116,10 +124,14 @@ class ActivationDetach(Technique):
                 detached.setdefault(name, rule)
         checkpointed = [name for name, _ in select_modules(pl_module, self.checkpoint)] if self.checkpoint else []
         offloaded = [name for name, _ in select_modules(pl_module, self.offload)] if self.offload else []
+        self._step_targets = []
+        self.metric_recorder.setup(trainer)
         if detached:
             allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {preview(sorted(detached))} are detached")
             for name, rule in detached.items():
-                self.handles.add(pl_module.get_submodule(name).register_forward_hook(self._detach_hook(rule, name)))
+                target = Target(rule, canonical_name(name))  # draws salted alike with a compiled submodule
+                self._step_targets.append(target)
+                self.handles.add(pl_module.get_submodule(name).register_forward_hook(self._detach_hook(target)))
         if checkpointed:
             self.handles.add(
                 checkpoint_modules(pl_module, checkpointed, segments=self.segments, enabled=self._is_active)
@@ -137,10 +149,11 @@ class ActivationDetach(Technique):
         self._summary = ", ".join(f"{what} {preview(names)}" for what, names in parts.items())
         rank_zero_info(f"ActivationDetach: {self._summary}")
 
-    def _detach_hook(self, rule: Rule, name: str) -> Any:
+    @staticmethod
+    def _detach_hook(target: Target) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            ctx = self._ctx
-            return None if ctx is None else apply_rule(rule, ctx, name, output)[0]
+            decision = target.resolve(output)  # decided at the step's start; None outside training steps
+            return None if decision is None else apply_decision(target.rule, decision, output)
 
         return hook
 
@@ -153,14 +166,42 @@ class ActivationDetach(Technique):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._ctx = StepContext.from_trainer(trainer, batch_idx)
+        ctx = StepContext.from_trainer(trainer, batch_idx)
+        if self.metric_recorder:
+            ctx = dataclasses.replace(ctx, metrics=self.metric_recorder.view())
+        size = batch_size_of(batch)
+        for target in self._step_targets:
+            target.begin(ctx, size)
+        self._active = True
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._ctx = None
+        self._end_step()
+
+    def _end_step(self) -> None:
+        self._active = False
+        for target in self._step_targets:
+            target.end()
+            target.observed.clear()  # decisions on activations are not counted here
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_validation_end(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_train_epoch_end(trainer)
+
+    @override
+    def technique_state(self) -> dict[str, Any]:
+        return {"metrics": self.metric_recorder.state()} if self.metric_recorder else {}
+
+    @override
+    def load_technique_state(self, state: dict[str, Any]) -> None:
+        self.metric_recorder.load(state.get("metrics"))
 
     @override
     def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
-        self._ctx = None
+        self._end_step()

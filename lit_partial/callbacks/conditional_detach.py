@@ -10,8 +10,8 @@ from lit_partial.attach import register_gate
 from lit_partial.callbacks._rules import (
     GATE_PREFIX,
     DynamicGraphCallback,
-    Rule,
-    apply_rule,
+    Target,
+    apply_decision,
     parse_rules,
     resolve_targets,
 )
@@ -83,28 +83,30 @@ class ConditionalDetach(DynamicGraphCallback):
         modules, gates = resolve_targets(model, self.rules, who="ConditionalDetach", allow_gates=True)
         for key, targets in modules.items():
             for name, module in targets:
-                self.handles.add(module.register_forward_hook(self._module_hook(self.rules[key], name)))
+                self.handles.add(module.register_forward_hook(self._module_hook(self.target(self.rules[key], name))))
         self._gates = gates
         for key in gates:
             gate = key.removeprefix(GATE_PREFIX)
-            self.handles.add(register_gate(model, gate, self._gate_fn(self.rules[key], gate)))
+            self.handles.add(register_gate(model, gate, self._gate_fn(self.target(self.rules[key], gate))))
 
-    def _module_hook(self, rule: Rule, name: str) -> Any:
+    @staticmethod
+    def _module_hook(target: Target) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            return self._apply(rule, name, output)
+            return _apply(target, output)
 
         return hook
 
-    def _gate_fn(self, rule: Rule, gate: str) -> Any:
+    @staticmethod
+    def _gate_fn(target: Target) -> Any:
         def fn(x: Any) -> Any:
-            return self._apply(rule, gate, x)
+            return _apply(target, x)
 
         return fn
 
-    def _apply(self, rule: Rule, name: str, output: Any) -> Any:
-        ctx = self._ctx
-        if ctx is None:  # not inside a training step: validation, test, predict or a plain call
-            return output
-        output, decision = apply_rule(rule, ctx, name, output)
-        self._count(rule.key, decision)
+
+def _apply(target: Target, output: Any) -> Any:
+    # Runs inside forward (a compiled region when the model is compiled): reads the step's decision, nothing else.
+    decision = target.resolve(output)
+    if decision is None:  # not inside a training step: validation, test, predict or a plain call
         return output
+    return apply_decision(target.rule, decision, output)

@@ -23,11 +23,10 @@ from lit_partial.callbacks._output_layout import (
     returns_tensor,
     skipped_output,
 )
-from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, decide, parse_rules, resolve_targets
+from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, may_hold, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
-from lit_partial.selection import Selectors, as_selector_list, select_modules
-from lit_partial.tree import first_tensor
+from lit_partial.selection import Selectors, as_selector_list, canonical_name, select_modules
 
 __all__ = ["ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
 
@@ -111,6 +110,7 @@ class ConditionalSkip(DynamicGraphCallback):
         self._checked = set()  # selected modules whose own output was checked (shapes differ within a class)
         targets = self._targets(model)
         for rule, name, module in targets:
+            self.target(rule, name)  # what _decide reads this step's decision from
             # outer: a skipped module runs nothing, not even another technique's wrapper (e.g. a checkpoint)
             self.handles.add(wrap_forward(module, self._skipping_forward(rule, name, module), outer=True))
         # Unselected modules of a selected class teach the structure too (LayerDrop on the top layers only).
@@ -130,7 +130,7 @@ class ConditionalSkip(DynamicGraphCallback):
                 return skipped_output(self._layout_for_skip(name, module, x, args, kwargs), x, args, kwargs)
             out = original(*args, **kwargs)
             layout = self._learn(name, module, x, args, kwargs, out)
-            if isinstance(decision, Tensor) and bool(decision.any()):
+            if isinstance(decision, Tensor) and may_hold(decision):
                 return mix_rows(layout, x, out, decision, args, kwargs)
             return out
 
@@ -154,13 +154,13 @@ class ConditionalSkip(DynamicGraphCallback):
         return hook
 
     def _decide(self, rule: Rule, name: str, x: Any) -> bool | Tensor:
-        """Whether to skip now: False outside training steps, a bool, or a ``(B,)`` mask for per-sample rules."""
-        ctx = self._ctx
-        if ctx is None:  # validation, test, predict or a call outside a training step
-            return False
-        decision = decide(rule, ctx, first_tensor(x), salt=name)
-        self._count(rule.key, decision)
-        return decision
+        """Whether to skip now: False outside training steps, a bool, or a ``(B,)`` mask for per-sample rules.
+
+        Runs inside forward (a compiled region when the model is compiled): it reads the decision made at the
+        step's start (:meth:`DynamicGraphCallback.begin_step`), or evaluates a statistic on ``x``, nothing else.
+        """
+        decision = self._step_targets[name].resolve(x)
+        return False if decision is None else decision  # None: validation, test, predict, or outside a step
 
     def _learn(
         self, name: str, module: nn.Module, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -292,13 +292,14 @@ class StochasticDepth(ConditionalSkip):
     def _targets(self, model: nn.Module) -> list[tuple[Rule, str, nn.Module]]:
         found = select_modules(model, self.blocks)
         rates = stochastic_depth_rates(len(found), self.drop_rate)
+        keys = [canonical_name(name) for name, _ in found]  # the same whether or not a submodule is compiled
         self.rules = {
-            name: Rule(name, Probability(min(1.0, rate), self.seed), per_sample=self.per_sample)
-            for (name, _), rate in zip(found, rates, strict=True)
+            key: Rule(key, Probability(min(1.0, rate), self.seed), per_sample=self.per_sample)
+            for key, rate in zip(keys, rates, strict=True)
         }
-        self.totals = {name: self.totals.get(name, [0.0, 0.0]) for name in self.rules}
-        self.epoch_counts = {name: self.epoch_counts.get(name, [0.0, 0.0]) for name in self.rules}
-        return [(self.rules[name], name, module) for name, module in found]
+        self.totals = {key: self.totals.get(key, [0.0, 0.0]) for key in self.rules}
+        self.epoch_counts = {key: self.epoch_counts.get(key, [0.0, 0.0]) for key in self.rules}
+        return [(self.rules[key], name, module) for key, (name, module) in zip(keys, found, strict=True)]
 
     def _ddp_reason(self) -> str:
         return "blocks are skipped at random, so their parameters get no gradient on those steps"

@@ -182,6 +182,15 @@ def _checkpoint_wrapper(
     def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
             return forward(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Dynamo traces a checkpointed function once, as a higher-order op, and the recomputation replays that
+            # graph (buffers are updated once); the eager-only checks of _recomputable are neither traceable nor needed.
+            if not split:
+                return _checkpointed(forward, *args, **kwargs)
+            (x,) = args
+            for piece, _, _ in split:
+                x = _checkpointed(piece, x)
+            return x
         if not split:
             return _checkpointed(_recomputable(forward, module, name, norms), *args, **kwargs)
         (x,) = args  # nn.Sequential.forward takes exactly one input

@@ -136,7 +136,7 @@ def detach_if(x: Any, cond: bool | Tensor) -> Any:
                 f"`cond` must be a bool or a 1-D bool tensor (one entry per batch row), got a {cond.dtype} tensor "
                 f"of shape {tuple(cond.shape)}."
             )
-        if not bool(cond.any()):
+        if not torch.compiler.is_compiling() and not bool(cond.any()):  # compiled: no host sync; where() is exact
             return x
         return apply_to_tensors(x, lambda t: torch.where(_rows(cond, t), t.detach(), t) if t.requires_grad else t)
     return apply_to_tensors(x, Tensor.detach) if cond else x
