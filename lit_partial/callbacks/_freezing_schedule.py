@@ -4,10 +4,14 @@ An entry is a plain dict, so a schedule can live in YAML::
 
     {"epoch": 2, "unfreeze": "backbone.3", "lr_scale": 0.1}   # at the start of epoch 2
     {"step": 500, "freeze": "encoder.0"}                      # before optimizer step 500
+    {"when": {"plateau": "val_loss", "patience": 2}, "unfreeze": "backbone"}  # at the first epoch start where
+                                                              # it holds, once every entry before it has applied
 
 Example:
     >>> [e.describe() for e in parse_schedule([{"epoch": 1, "unfreeze": "backbone", "lr_scale": 0.1}])]
     ['epoch 1: unfreeze backbone (lr_scale 0.1)']
+    >>> parse_schedule([{"when": {"plateau": "val_loss", "patience": 2}, "unfreeze": "backbone"}])[0].describe()
+    'when val_loss plateaus (min, patience 2): unfreeze backbone'
     >>> [e["epoch"] for e in gradual_unfreezing_schedule(["b.0", "b.1", "b.2"], every_n_epochs=2)]
     [2, 4, 6]
     >>> progressive_freezing_schedule(["b.0", "b.1", "b.2"], total=100, t0=0.5)
@@ -24,7 +28,8 @@ from typing import Any
 from torch import nn
 
 from lit_partial._plain import to_plain
-from lit_partial.errors import ConfigurationError
+from lit_partial.conditions import Condition, Metric, Plateau, parse_condition
+from lit_partial.errors import ConditionError, ConfigurationError
 from lit_partial.selection import as_selector_list
 
 __all__ = [
@@ -35,7 +40,8 @@ __all__ = [
     "progressive_freezing_schedule",
 ]
 
-_KEYS = ("epoch", "step", "unfreeze", "freeze", "lr_scale")
+_KEYS = ("epoch", "step", "when", "unfreeze", "freeze", "lr_scale")
+_KINDS = ("epoch", "step", "when")
 _EXAMPLE = "{'epoch': 2, 'unfreeze': 'backbone', 'lr_scale': 0.1}"
 
 
@@ -44,11 +50,14 @@ class ScheduleEntry:
     """One validated schedule point.
 
     Attributes:
-        kind: ``"epoch"`` (applied at the start of that epoch) or ``"step"`` (before that optimizer step).
-        point: The epoch or global step (optimizer steps, as ``trainer.global_step`` counts them).
+        kind: ``"epoch"`` (applied at the start of that epoch), ``"step"`` (before that optimizer step) or
+            ``"when"`` (at the first epoch start where :attr:`when` holds, once every earlier entry has applied).
+        point: The epoch or global step (optimizer steps, as ``trainer.global_step`` counts them); for ``"when"``
+            entries the entry's position in the schedule.
         unfreeze: Selectors made trainable at this point (empty if none).
         freeze: Selectors frozen at this point (empty if none); applied after ``unfreeze``.
         lr_scale: Learning-rate factor of the parameter group planned for what this entry unfreezes.
+        when: The condition of a ``"when"`` entry (None for the others).
     """
 
     kind: str
@@ -56,18 +65,40 @@ class ScheduleEntry:
     unfreeze: tuple[str, ...]
     freeze: tuple[str, ...]
     lr_scale: float
+    when: Condition | None = None
 
     def describe(self) -> str:
         """A one-line human description, used in log lines."""
         parts = [f"unfreeze {', '.join(self.unfreeze)}" if self.unfreeze else ""]
         parts.append(f"freeze {', '.join(self.freeze)}" if self.freeze else "")
         scale = f" (lr_scale {self.lr_scale:.3g})" if self.lr_scale != 1.0 else ""
-        return f"{self.kind} {self.point}: " + "; ".join(p for p in parts if p) + scale
+        when = f"when {_describe_condition(self.when)}" if self.when is not None else f"{self.kind} {self.point}"
+        return f"{when}: " + "; ".join(p for p in parts if p) + scale
 
     @property
     def group_name(self) -> str:
         """The name of the parameter group planned for what this entry unfreezes."""
         return f"unfreeze@{self.kind}{self.point}"
+
+
+def _describe_condition(cond: Condition) -> str:
+    if isinstance(cond, Plateau):
+        delta = f", min_delta {cond.min_delta:g}" if cond.min_delta else ""
+        return f"{cond.name} plateaus ({cond.mode}, patience {cond.patience}{delta})"
+    if isinstance(cond, Metric):
+        return f"{cond.name} {cond.op} {cond.value:g}"
+    return repr(cond)
+
+
+def _when(where: str, spec: Any) -> Condition:
+    cond = parse_condition(spec)
+    if cond.needs_activation:
+        raise ConditionError(
+            f"{where}['when'] = {spec!r} reads an activation statistic, which a schedule cannot see (it is decided at "
+            "epoch starts, outside forward). Use a metric condition such as {'plateau': 'val_loss', 'patience': 2} "
+            "or {'metric': 'val_acc', 'op': '>', 'value': 0.9}."
+        )
+    return cond
 
 
 def _entry(index: int, raw: Any) -> ScheduleEntry:
@@ -80,14 +111,13 @@ def _entry(index: int, raw: Any) -> ScheduleEntry:
         raise ConfigurationError(
             f"{where} has unknown keys {unknown}; allowed keys are {list(_KEYS)}, e.g. {_EXAMPLE}."
         )
-    kinds = [k for k in ("epoch", "step") if k in raw]
+    kinds = [k for k in _KINDS if k in raw]
     if len(kinds) != 1:
-        raise ConfigurationError(
-            f"{where} = {dict(raw)!r} has {'both' if kinds else 'neither of'} 'epoch' and 'step'; "
-            f"give exactly one of them, e.g. {_EXAMPLE}."
-        )
+        found = f"both {' and '.join(repr(k) for k in kinds)}" if kinds else "neither of 'epoch', 'step' nor 'when'"
+        raise ConfigurationError(f"{where} = {dict(raw)!r} has {found}; give exactly one of them, e.g. {_EXAMPLE}.")
     kind = kinds[0]
-    point = raw[kind]
+    when = _when(where, raw["when"]) if kind == "when" else None
+    point = index if kind == "when" else raw[kind]
     if isinstance(point, bool) or not isinstance(point, numbers.Integral):
         raise ConfigurationError(f"{where}['{kind}'] is {point!r}; expected a non-negative integer such as 2.")
     if point < 0:
@@ -105,7 +135,7 @@ def _entry(index: int, raw: Any) -> ScheduleEntry:
         raise ConfigurationError(
             f"{where} has 'lr_scale' but unfreezes nothing; lr_scale applies to what an entry unfreezes."
         )
-    return ScheduleEntry(kind, int(point), unfreeze, freeze, float(lr_scale))
+    return ScheduleEntry(kind, int(point), unfreeze, freeze, float(lr_scale), when)
 
 
 def parse_schedule(schedule: Any) -> list[ScheduleEntry]:

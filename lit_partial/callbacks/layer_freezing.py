@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.optim import lr_scheduler
 from typing_extensions import override
 
 from lit_partial._compat import ddp_ignored_names, is_running_stats_norm, set_ddp_ignored_names
@@ -41,7 +42,9 @@ from lit_partial.callbacks._freezing_schedule import (
     plan_phase_groups,
     progressive_freezing_schedule,
 )
+from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
+from lit_partial.conditions import StepContext
 from lit_partial.distributed import (
     all_reduce_gradients,
     broadcast_parameters,
@@ -62,6 +65,32 @@ from lit_partial.selection import Selectors, as_selector_list, describe_ties, se
 
 __all__ = ["LayerFreezing"]
 
+#: LR schedulers whose per-group state is ``base_lrs`` (plus ``lr_lambdas`` or ``min_lrs``), which
+#: :meth:`LayerFreezing._scale_unplanned_groups` extends when it adds a parameter group after them.
+_SPLITTABLE_SCHEDULERS: tuple[type, ...] = (
+    lr_scheduler.LambdaLR,
+    lr_scheduler.MultiplicativeLR,
+    lr_scheduler.StepLR,
+    lr_scheduler.MultiStepLR,
+    lr_scheduler.ConstantLR,
+    lr_scheduler.LinearLR,
+    lr_scheduler.ExponentialLR,
+    lr_scheduler.PolynomialLR,
+    lr_scheduler.CosineAnnealingLR,
+    lr_scheduler.CosineAnnealingWarmRestarts,
+    lr_scheduler.ReduceLROnPlateau,
+)
+
+
+def _extend_scheduler(scheduler: Any, index: int, scale: float) -> None:
+    """Give ``scheduler`` the state of one more parameter group: group ``index``'s, its learning rates scaled."""
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs.append(scheduler.base_lrs[index] * scale)
+    for name in ("lr_lambdas", "min_lrs"):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list):
+            values.append(values[index])
+
 
 class LayerFreezing(Technique):
     """Freeze modules from the start and unfreeze (or freeze) them on a schedule of epochs or steps.
@@ -73,9 +102,15 @@ class LayerFreezing(Technique):
 
     Args:
         frozen: Selectors of what is frozen from the start (exact name, glob or ``re:<pattern>``); None = nothing.
-        schedule: Entries ``{"epoch": E}`` or ``{"step": S}`` with ``"unfreeze"`` and/or ``"freeze"`` selectors
-            and an optional ``"lr_scale"`` for the group of what they unfreeze. Epoch entries apply at the start
-            of that epoch; step entries before optimizer step ``S`` (first micro-batch of its accumulation window).
+        schedule: Entries ``{"epoch": E}``, ``{"step": S}`` or ``{"when": condition}`` with ``"unfreeze"``
+            and/or ``"freeze"`` selectors and an optional ``"lr_scale"`` for the group of what they unfreeze.
+            Epoch entries apply at the start of that epoch; step entries before optimizer step ``S`` (first
+            micro-batch of its accumulation window); ``when`` entries once, at the first epoch start at which the
+            condition holds (e.g. ``{"plateau": "val_loss", "patience": 2}``), and only after every entry before
+            them has applied: a metric condition then sees only the evaluations made since the previous entry
+            applied, so successive plateau entries wait for successive plateaus. Metric values are rank 0's,
+            recorded as ``EarlyStopping`` checks its monitor, and saved for resume. Any ``lr_scale`` applies even
+            when the optimizer does not come from ``partial_param_groups`` (see :meth:`on_fit_start`).
         train_bn: If True, norm layers with running statistics inside frozen modules keep training (Lightning's
             ``BaseFinetuning`` default). If False, they are frozen and stay in eval mode, also after Lightning's
             ``model.train()`` calls, so the frozen prefix needs no backward at all.
@@ -116,6 +151,13 @@ class LayerFreezing(Technique):
         self._events: list[str] = []
         self._trained: weakref.ref[nn.Module] | None = None  # the model of the last fit, for state_dict after it
         self.trainable_params: int | None = None
+        self.metric_recorder = self._new_recorder()
+        self._applied_eval: list[int | None] = [None] * len(self.schedule)  # evaluations recorded when applied
+        self._when_checked: int | None = None  # the epoch whose start checked the `when` entries
+
+    def _new_recorder(self) -> MetricRecorder:
+        names = (name for entry in self.schedule if entry.when is not None for name in entry.when.metrics)
+        return MetricRecorder(names, who="LayerFreezing")
 
     # ------------------------------------------------------------------ recipes
     @classmethod
@@ -157,6 +199,9 @@ class LayerFreezing(Technique):
         self._applied = [False] * len(self.schedule)  # a new fit starts the schedule; resume restores it after this
         self._pending = list(range(len(self.schedule)))
         self._held, self._events = {}, []
+        self._applied_eval, self._when_checked = [None] * len(self.schedule), None
+        self.metric_recorder = self._new_recorder()
+        self.metric_recorder.setup(trainer)
         for entry in self.schedule:  # resolve everything now: unknown names fail before the first step
             self._params(pl_module, entry.unfreeze + entry.freeze)
         if self.frozen:
@@ -243,7 +288,7 @@ class LayerFreezing(Technique):
         if len(frozen) < len(params):
             return
         first = self.schedule[0] if self.schedule else None
-        if after is None and first is not None and first.point == 0 and first.unfreeze:
+        if after is None and first is not None and first.kind != "when" and first.point == 0 and first.unfreeze:
             return  # an entry at epoch/step 0 unfreezes before the first step
         when = "from the start" if after is None else f"after '{after.describe()}'"
         raise ConfigurationError(
@@ -284,6 +329,7 @@ class LayerFreezing(Technique):
             # DDP broadcasts only what it does not ignore; our excluded parameters start identical too.
             broadcast_parameters([p for n, p in pl_module.named_parameters() if n in ignored])
         self._warn_on_unoptimized(trainer, pl_module)
+        self._scale_unplanned_groups(trainer, pl_module)
 
     def _warn_on_unoptimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -296,6 +342,59 @@ class LayerFreezing(Technique):
                 "skipped), or `self.partial_param_groups(lr=...)`."
             )
 
+    def _scale_unplanned_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Give ``lr_scale`` entries their rate when the optimizer did not come from ``partial_param_groups``.
+
+        LightningCLI's ``optimizer:`` and hand-written ``configure_optimizers`` put all parameters in groups of
+        their own; the parameters of a scaled entry are moved from each group into a new group with the same
+        options and ``lr * lr_scale`` (``initial_lr`` too), and the group's LR schedulers are extended to match.
+        This runs in ``on_fit_start``, before Lightning restores optimizer and scheduler states, so a resumed run
+        finds the same groups. Schedulers LayerFreezing cannot extend (any not in ``_SPLITTABLE_SCHEDULERS``) keep
+        the groups as they are, with a warning naming the fix.
+        """
+        if all(entry.lr_scale == 1.0 for entry in self.schedule) or not trainer.optimizers:
+            return
+        plan = self.plan_param_groups(pl_module, {"lr": 1.0})
+        planned_names = {group["name"] for group in plan}
+        scale_of = {
+            id(p): (group["name"], group["lr"]) for group in plan if group["lr"] != 1.0 for p in group["params"]
+        }
+        for optimizer in trainer.optimizers:
+            if any(group.get("name") in planned_names for group in optimizer.param_groups):
+                continue  # built from partial_param_groups: the groups are there already
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            unknown = sorted({type(s).__name__ for s in schedulers if not isinstance(s, _SPLITTABLE_SCHEDULERS)})
+            if unknown:
+                rank_zero_warn(
+                    f"LayerFreezing: schedule entries with lr_scale need their own optimizer parameter groups, but the "
+                    f"optimizer was not built from `self.partial_param_groups(...)`, and its LR scheduler(s) {unknown} "
+                    "cannot be extended with new groups, so those parameters will learn at the base rate. Fix: build "
+                    "the optimizer from `self.partial_param_groups(lr=...)` in configure_optimizers."
+                )
+                continue
+            for index, group in enumerate(list(optimizer.param_groups)):
+                moved: dict[tuple[str, float], list[nn.Parameter]] = {}
+                kept = []
+                for p in group["params"]:
+                    hit = scale_of.get(id(p))
+                    kept.append(p) if hit is None else moved.setdefault(hit, []).append(p)
+                if not moved:
+                    continue
+                group["params"] = kept
+                for (phase, scale), params in moved.items():
+                    new = {key: value for key, value in group.items() if key != "params"}
+                    new["name"] = f"{group['name']}/{phase}" if "name" in group else phase
+                    for key in ("lr", "initial_lr"):
+                        if key in new:
+                            new[key] = group[key] * scale
+                    optimizer.add_param_group({**new, "params": params})
+                    for scheduler in schedulers:
+                        _extend_scheduler(scheduler, index, scale)
+                    rank_zero_info(
+                        f"LayerFreezing: optimizer group {new['name']!r} holds the {len(params)} tensors of schedule "
+                        f"group {phase!r} at lr x {scale:g} (the optimizer was not built from partial_param_groups)."
+                    )
+
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._warn_on_unreachable(trainer)
@@ -306,6 +405,8 @@ class LayerFreezing(Technique):
         total_steps = float(trainer.estimated_stepping_batches)
         for i in self._pending:
             entry = self.schedule[i]
+            if entry.kind == "when":
+                continue
             limit, unit = (max_epochs, "epochs") if entry.kind == "epoch" else (total_steps, "optimizer steps")
             if entry.point >= limit:
                 rank_zero_warn(
@@ -317,6 +418,7 @@ class LayerFreezing(Technique):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_due(trainer, pl_module, kinds=("epoch",))
+        self._apply_when(trainer, pl_module)
         self._hold()
 
     @override
@@ -326,7 +428,34 @@ class LayerFreezing(Technique):
         # Epoch entries too: resuming from a checkpoint saved on an epoch's last batch skips the next epoch start.
         if self._pending:
             self._apply_due(trainer, pl_module, kinds=("epoch", "step"))
+            self._apply_when(trainer, pl_module)
         self._hold()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_validation_end(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_train_epoch_end(trainer)
+
+    def _apply_when(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply `when` entries in order, at most once per epoch start (or first batch, after a resume)."""
+        if self._when_checked == trainer.current_epoch:
+            return
+        self._when_checked = trainer.current_epoch
+        for i in list(self._pending):
+            entry = self.schedule[i]
+            if entry.when is None:
+                continue
+            if not all(self._applied[:i]):  # waits for every entry before it
+                return
+            since = (self._applied_eval[i - 1] or 0) if i else 0
+            history = {name: tuple(values[since:]) for name, values in self.metric_recorder.history.items()}
+            ctx = StepContext(epoch=trainer.current_epoch, global_step=trainer.global_step, metrics=history)
+            if not entry.when(ctx, salt=f"schedule[{i}]"):
+                return
+            self._apply_entry(i, trainer, pl_module)
 
     def _apply_due(self, trainer: L.Trainer, pl_module: L.LightningModule, kinds: tuple[str, ...]) -> None:
         now = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -334,19 +463,25 @@ class LayerFreezing(Technique):
             entry = self.schedule[i]
             if entry.kind not in kinds or entry.point > now[entry.kind]:
                 continue
-            unfrozen = self._change(pl_module, entry.unfreeze, trainable=True) if entry.unfreeze else []
-            frozen = self._change(pl_module, entry.freeze, trainable=False) if entry.freeze else []
-            self._applied[i] = True
-            self._pending.remove(i)
-            what = "; ".join(
-                s
-                for s in (
-                    f"unfroze {len(unfrozen)} tensors ({', '.join(entry.unfreeze)})" if unfrozen else "",
-                    f"froze {len(frozen)} tensors ({', '.join(entry.freeze)})" if frozen else "",
-                )
-                if s
+            self._apply_entry(i, trainer, pl_module)
+
+    def _apply_entry(self, i: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        entry = self.schedule[i]
+        unfrozen = self._change(pl_module, entry.unfreeze, trainable=True) if entry.unfreeze else []
+        frozen = self._change(pl_module, entry.freeze, trainable=False) if entry.freeze else []
+        self._applied[i] = True
+        self._applied_eval[i] = self.metric_recorder.count
+        self._pending.remove(i)
+        what = "; ".join(
+            s
+            for s in (
+                f"unfroze {len(unfrozen)} tensors ({', '.join(entry.unfreeze)})" if unfrozen else "",
+                f"froze {len(frozen)} tensors ({', '.join(entry.freeze)})" if frozen else "",
             )
-            self._report(trainer, pl_module, f"{entry.kind} {entry.point}", what or "no change")
+            if s
+        )
+        when = f"epoch {trainer.current_epoch} ({entry.describe().split(':')[0]})" if entry.when else ""
+        self._report(trainer, pl_module, when or f"{entry.kind} {entry.point}", what or "no change")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str, what: str) -> None:
         self.trainable_params = trainable_parameter_count(pl_module)
@@ -407,6 +542,8 @@ class LayerFreezing(Technique):
             "frozen": frozen,
             "held_norms": sorted(n for n, h in self._held.items() if h),
             "events": list(self._events),
+            "applied_eval": list(self._applied_eval),
+            "metrics": self.metric_recorder.state(),
         }
 
     @override
@@ -436,6 +573,8 @@ class LayerFreezing(Technique):
         self._applied = list(state["applied"])
         self._pending = [i for i, done in enumerate(self._applied) if not done]
         self._events = list(state.get("events", []))
+        self._applied_eval = list(state.get("applied_eval", [None] * len(self.schedule)))
+        self.metric_recorder.load(state.get("metrics"))
 
     @staticmethod
     def _load_sharded_optimizer_state(model: nn.Module) -> None:
