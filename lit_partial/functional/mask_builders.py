@@ -79,7 +79,9 @@ WHERE_OPS = COMPARISONS  # the same comparisons as statistic conditions
 
 _INDEX_DIM = {"rows": 0, "columns": 1, "channels": 0}
 
-MaskSource = Tensor | str | os.PathLike[str] | Mapping[str, Any] | Callable[[str, Tensor], Tensor]
+# The mapping (a builder spec) comes first: argument parsers that read the annotation (LightningCLI's
+# jsonargparse) try the members in order, and `str` first would turn a spec written in YAML into its repr.
+MaskSource = Mapping[str, Any] | str | os.PathLike[str] | Tensor | Callable[[str, Tensor], Tensor]
 
 MASK_FORMS = (
     "a 0/1 tensor broadcasting to the parameter, a path to a .pt file holding {name: tensor}, a builder spec "
