@@ -79,7 +79,7 @@ def test_graph_counts_under_model_compile_and_parameters_equal_eager(scenario: s
 def test_other_ways_of_compiling_give_one_graph_per_pattern(scenario: str, how: str) -> None:
     compiled, counts, patterns = run(scenario, how)
     assert counts.breaks == 0, counts.reasons
-    assert counts.graphs == EXPECTED[scenario][0]
+    assert (counts.graphs, patterns.distinct) == EXPECTED[scenario][0::2]
     eager, _, _ = run(scenario, None)
     # a submodule compiled in place renames its parameters (blocks._orig_mod.*) but draws as before
     state = {k.replace("._orig_mod", ""): v for k, v in compiled.state_dict().items()}
