@@ -79,6 +79,8 @@ class MetricRecorder:
         if not payload["missing"]:
             payload["values"] = {name: float(logged[name]) for name in self.names}
         payload = trainer.strategy.broadcast(payload, src=0)
+        if payload["missing"] and _stopping(trainer):
+            return  # the run ends here (e.g. max_steps within the epoch, before validation): nothing will read it
         if payload["missing"]:
             raise ConfigurationError(
                 f"{self.who}: a condition reads metric(s) {payload['missing']}, which were not logged by the end of "
@@ -100,3 +102,7 @@ class MetricRecorder:
         """Restore what :meth:`state` returned (checkpoints without it leave the history empty)."""
         for name in self.names:
             self.history[name] = [float(v) for v in (state or {}).get(name, [])]
+
+
+def _stopping(trainer: L.Trainer) -> bool:
+    return bool(trainer.should_stop) or 0 <= trainer.max_steps <= trainer.global_step
