@@ -253,9 +253,13 @@ class Target:
     def resolve(self, output: Any) -> bool | Tensor | None:
         """The decision on ``output`` (the module's output, or its input for skips); None outside training steps."""
         decision = self.decision
-        if decision is None or isinstance(decision, bool | Tensor):
+        if decision is None or isinstance(decision, bool):
             return decision
         x = first_tensor(output)
+        if isinstance(decision, Tensor):  # rows drawn at the loader's batch size: redrawn if the module's differs
+            if x is not None and x.dim() > 0 and x.shape[0] != decision.shape[0]:  # static shapes: free when compiled
+                return _row_mask(self.bound, self, x, x.shape[0])
+            return decision
         rule = self.rule
         if x is None:
             raise ConditionError(
