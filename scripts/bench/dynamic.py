@@ -41,9 +41,10 @@ HALF = 4  # blocks.0-3: the bottom half of the 8 blocks
 
 
 def _attached(callback: DynamicGraphCallback, model: nn.Module) -> DynamicGraphCallback:
-    # The callback's own hooks, without a Trainer: _attach is what setup() does; _ctx is what a training step sets.
-    callback._attach(model)
-    callback._ctx = StepContext()
+    # The callback's own hooks, without a Trainer: _attach_rules is what setup() does, begin_step what a training
+    # step's start does (it decides every rule for that step).
+    callback._attach_rules(model)
+    callback.begin_step(StepContext())
     return callback
 
 
@@ -91,7 +92,7 @@ def _depth_fns(steps: int) -> tuple[dict[str, Callable[[], None]], dict[str, flo
             model: Any = model, cb: Any = callback, opt: Any = opt, x: Any = x, y: Any = y, n: Any = steps_taken
         ) -> None:
             if cb is not None:  # a new global step: a new draw per block, as in training
-                cb._ctx = StepContext(global_step=next(n))
+                cb.begin_step(StepContext(global_step=next(n)))
             opt.zero_grad(set_to_none=True)
             F.mse_loss(model(x), y).backward()
             opt.step()
@@ -107,7 +108,7 @@ def _executed_fraction(callback: DynamicGraphCallback, steps: int) -> float:
     callback.totals = {k: [0.0, 0.0] for k in callback.totals}
     with torch.no_grad():
         for step in range(steps):
-            callback._ctx = StepContext(global_step=step)
+            callback.begin_step(StepContext(global_step=step))
             model(x)
     skipped, total = (sum(v[i] for v in callback.totals.values()) for i in (0, 1))
     return 1.0 - skipped / total
@@ -140,7 +141,7 @@ def _ddp_worker(rank: int, port: int, rounds: int, iters: int, out: str) -> None
 
         def step(ddp: Any = ddp, cb: Any = cb, opt: Any = opt, x: Any = x, y: Any = y, n: Any = steps_taken) -> None:
             if cb is not None:
-                cb._ctx = StepContext(global_step=next(n))
+                cb.begin_step(StepContext(global_step=next(n)))
             opt.zero_grad(set_to_none=True)
             F.mse_loss(ddp(x), y).backward()
             opt.step()
