@@ -29,9 +29,11 @@ EXPECTED: dict[str, tuple[int, int, int]] = {  # graphs, breaks, distinct decisi
     # the data decide whether backward runs below the stem: one break (Tensor.item) met in 5 nested frames,
     # the code after it compiled once per outcome
     "ConditionalDetach, whole-batch statistic": (5, 5, 1),
-    "ConditionalSkip, 3 blocks, probability 0.3": (5, 0, 5),
-    "StochasticDepth, 3 blocks, drop_rate 0.5": (5, 0, 5),
-    "StochasticDepth, per_sample": (1, 0, 1),
+    # skips: + 1 graph, once: the first step records each skipped module's output structure (so that a skipped
+    # call can build its output without running the module), which changes what later steps' forwards read
+    "ConditionalSkip, 3 blocks, probability 0.3": (6, 0, 5),
+    "StochasticDepth, 3 blocks, drop_rate 0.5": (6, 0, 5),
+    "StochasticDepth, per_sample": (2, 0, 1),
     "ActivationDetach, at + checkpoint": (1, 0, 1),
     "ActivationMemoryMonitor": (1, 0, 1),
     "SelectiveBackprop, topk 0.5": (2, 0, 1),  # the scoring forward (eval, no grad, whole batch): one more graph
@@ -142,3 +144,17 @@ def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
     with dynamo_counts():
         resumed = fit(3, ckpt=tmp_path / "mid.ckpt")
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_selectors_see_through_a_submodule_compiled_in_place() -> None:
+    from lit_partial.selection import canonical_name, select_modules, select_parameters
+
+    model = TinyNet()
+    model.blocks = torch.compile(model.blocks, backend=BACKEND)  # type: ignore[assignment]
+    plain = [name for name, _ in select_modules(model, "blocks.*")]
+    assert plain == ["blocks._orig_mod.0", "blocks._orig_mod.1", "blocks._orig_mod.2"]
+    assert [n for n, _ in select_modules(model, "blocks._orig_mod.1")] == ["blocks._orig_mod.1"]  # the other way
+    assert [canonical_name(n) for n, _ in select_parameters(model, "blocks.0.fc1")] == [
+        "blocks.0.fc1.weight",
+        "blocks.0.fc1.bias",
+    ]

@@ -1,7 +1,8 @@
-"""Shared machinery of ConditionalDetach and ConditionalSkip.
+"""Shared machinery of ConditionalDetach and ConditionalSkip (and ActivationDetach's conditional cuts).
 
-Rule parsing, target resolution, the step context, per-rule counters and logging, and making DDP accept a
-graph that changes from step to step.
+Rule parsing, target resolution, decisions made at the start of each step (:class:`Target`: what hooks read, so
+a compiled model recompiles only per distinct pattern of decisions), per-rule counters and logging, metric
+conditions' history, and making DDP accept a graph that changes from step to step.
 """
 
 from __future__ import annotations
