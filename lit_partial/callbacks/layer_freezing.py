@@ -92,6 +92,15 @@ def _extend_scheduler(scheduler: Any, index: int, scale: float) -> None:
             values.append(values[index])
 
 
+def _entry_config(entry: ScheduleEntry) -> dict[str, Any]:
+    """A schedule entry as plain data; ``when`` only where set (so checkpoints from before it still resume)."""
+    config = dataclasses.asdict(entry)
+    when = config.pop("when")
+    if when is not None:
+        config["when"] = repr(entry.when)  # the class tells AllOf from AnyOf, Metric from Plateau
+    return config
+
+
 class LayerFreezing(Technique):
     """Freeze modules from the start and unfreeze (or freeze) them on a schedule of epochs or steps.
 
@@ -189,7 +198,7 @@ class LayerFreezing(Technique):
     def config(self) -> dict[str, Any]:
         return {
             "frozen": self.frozen,
-            "schedule": [dataclasses.asdict(entry) for entry in self.schedule],
+            "schedule": [_entry_config(entry) for entry in self.schedule],
             "train_bn": self.train_bn,
         }
 
