@@ -33,6 +33,8 @@ if not _JSONARGPARSE_SIGNATURES_AVAILABLE:
 
 from scripts.lightning_cli import main  # noqa: E402 - after the skip
 
+PLATEAU = {"plateau": "val_loss", "mode": "min", "patience": 1, "min_delta": 0.01}
+
 #: configs/<name>.yaml -> the callbacks it must build, written in Python.
 EXPECTED: dict[str, Callable[[], list[Callback]]] = {
     "layer_freezing": lambda: [
@@ -46,12 +48,8 @@ EXPECTED: dict[str, Callable[[], list[Callback]]] = {
         LayerFreezing(
             frozen="backbone",
             schedule=[
-                {
-                    "when": {"plateau": "val_loss", "mode": "min", "patience": 1, "min_delta": 0.0},
-                    "unfreeze": "backbone.2",
-                    "lr_scale": 0.1,
-                },
-                {"when": {"plateau": "val_loss", "mode": "min", "patience": 1}, "unfreeze": "backbone"},
+                {"when": PLATEAU, "unfreeze": "backbone.2", "lr_scale": 0.1},
+                {"when": PLATEAU, "unfreeze": "backbone"},
             ],
         )
     ],
