@@ -253,7 +253,7 @@ def register_gate(model: nn.Module, name: str, fn: GateFn) -> Handle:
         >>> handle.remove(); gate_functions(model, "features")
         ()
     """
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or name == _WATCH:
         raise UsageError(f"a gate name must be a non-empty string, got {name!r}.")
     return _gates.add(model, name, fn)
 
@@ -267,7 +267,8 @@ def gate_functions(model: nn.Module, name: str) -> tuple[GateFn, ...]:
 def watch_gates(model: nn.Module, seen: set[str]) -> Handle:
     """Record in ``seen`` the name of every gate ``model`` passes through until the handle is removed.
 
-    Callbacks use it during the first training step to check that the gate names of their rules exist.
+    Callbacks use it to check, after the first training step, that the gate names of their rules exist; they keep
+    it until teardown, since removing it would change what a compiled forward reads (one more graph).
     """
     return _gates.add(model, _WATCH, seen)
 
