@@ -30,6 +30,8 @@ from lit_partial.functional.masking import (
 )
 from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
+REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
+
 KEEP = 0.1
 
 

@@ -36,6 +36,8 @@ from lit_partial.functional.selection_sampling import (
 )
 from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
+REQUIRES = ("matplotlib", "sklearn")  # optional packages, checked before any section runs
+
 TARGET = 0.97
 BATCH = 64
 
