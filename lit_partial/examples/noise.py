@@ -2,7 +2,7 @@
 
 Both are seeded and exact: :func:`flip_labels` changes exactly ``round(fraction * N)`` labels, each to a
 different class drawn uniformly; :func:`imbalanced_indices` keeps exactly ``round(keep * n_c)`` samples of each
-class ``c``. Neither touches the global RNG.
+class ``c`` (``keep > 1`` repeats samples). Neither touches the global RNG.
 
 Example:
     >>> import torch
@@ -78,23 +78,30 @@ def flip_labels(
 
 
 def imbalanced_indices(labels: Tensor, keep: Mapping[int, float], seed: int = 0) -> Tensor:
-    """Sorted indices of a subset keeping ``round(keep[c] * n_c)`` samples of each class ``c`` (1.0 if unlisted).
+    """Sorted indices of a resampled set holding ``round(keep[c] * n_c)`` samples of class ``c`` (1.0 if unlisted).
+
+    ``keep[c] < 1`` thins class ``c`` (a uniform draw without replacement); ``keep[c] > 1`` repeats it: every
+    sample ``floor(keep[c])`` times, plus a draw of the rest (redundant data, e.g. easy classes scraped many times).
 
     Args:
         labels: Integer class labels, shape ``(N,)``.
-        keep: Fraction kept per class, in [0, 1], e.g. ``{5: 0.1, 6: 0.1}`` for two rare classes.
-        seed: Seed of the draw.
+        keep: Factor per class, ``>= 0``: ``{5: 0.1, 6: 0.1}`` for two rare classes, ``{0: 8}`` for a redundant one.
+        seed: Seed of the draws.
 
     Raises:
-        ConfigurationError: A fraction outside [0, 1].
+        ConfigurationError: A negative or non-numeric factor.
     """
     for c, f in keep.items():
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
-            raise ConfigurationError(f"keep[{c!r}] must be a fraction in [0, 1], got {f!r}.")
+        if isinstance(f, bool) or not isinstance(f, int | float) or f < 0:
+            raise ConfigurationError(
+                f"keep[{c!r}] must be a number >= 0, got {f!r}; e.g. 0.1 keeps a tenth, 2 doubles."
+            )
     generator = _generator(seed)
     chosen = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
         count = round(float(keep.get(c, 1.0)) * members.numel())
-        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:count]])
+        copies, rest = divmod(count, max(members.numel(), 1))
+        chosen += [members] * copies
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:rest]])
     return torch.sort(torch.cat(chosen)).values

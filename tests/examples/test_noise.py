@@ -35,6 +35,9 @@ def test_imbalanced_indices_keep_exact_counts_per_class() -> None:
     assert counts == [20, 20, 20, 20, 20, 2, 5, 0, 20, 20]
     assert torch.equal(index, torch.sort(index).values)
     assert torch.equal(index, imbalanced_indices(labels, {5: 0.1, 6: 0.25, 7: 0.0}, seed=0))
+    repeated = imbalanced_indices(labels, {0: 2.5}, seed=0)  # every class-0 sample twice, half of them thrice
+    per_sample = torch.bincount(repeated, minlength=200)[labels == 0]
+    assert len(repeated) == 50 + 9 * 20 and sorted(per_sample.tolist()) == [2] * 10 + [3] * 10
 
 
 @pytest.mark.parametrize(
@@ -44,7 +47,7 @@ def test_imbalanced_indices_keep_exact_counts_per_class() -> None:
         (lambda y: flip_labels(y.float(), 0.1), "1-d integer tensor"),
         (lambda y: flip_labels(y, 0.1, num_classes=3), r"num_classes=3 and labels in \[0, 9\].*Fix: pass num_classes"),
         (lambda y: flip_labels(y, 0.1, seed=1.5), "`seed` must be an integer"),
-        (lambda y: imbalanced_indices(y, {1: -0.1}), r"keep\[1\] must be a fraction in \[0, 1\], got -0.1"),
+        (lambda y: imbalanced_indices(y, {1: -0.1}), r"keep\[1\] must be a number >= 0, got -0.1; e.g. 0.1"),
     ],
 )
 def test_errors_name_the_value_and_the_fix(call, match: str) -> None:  # type: ignore[no-untyped-def]
