@@ -8,7 +8,7 @@ still runs well under a second on one CPU thread. The last :data:`NEW_TOKENS` ro
 
 Every variant trains in a real ``Trainer.fit`` with AdamW. Each technique runs twice: through the lit_partial
 callback, and written by hand in the LightningModule the way one would without lit_partial (``requires_grad``
-loop, forward hook, wrapped ``forward``, Hugging Face's ``gradient_checkpointing_enable``, selection inside
+loop, forward hook, wrapped ``forward``, Hugging Face's ``activation_checkpointing_enable``, selection inside
 ``training_step``). Reported per technique:
 
 * setup: seconds the callback's ``setup`` + ``on_fit_start`` took (target < 1 s);
@@ -145,19 +145,20 @@ class LM(PartialBackpropMixin, L.LightningModule):
     @override
     def setup(self, stage: str) -> None:  # before configure_optimizers, as a callback's setup
         layers = self.hf.model.layers
+        half = len(layers) // 2
         if self.hand == "freeze bottom half":
-            for module in [self.hf.model.embed_tokens, *layers[:HALF]]:
+            for module in [self.hf.model.embed_tokens, *layers[:half]]:
                 module.requires_grad_(False)
             self._undo.append(lambda: self.requires_grad_(True))
         elif self.hand == "detach bottom half":
-            handle = layers[HALF - 1].register_forward_hook(lambda m, i, out: out.detach())
+            handle = layers[half - 1].register_forward_hook(lambda m, i, out: out.detach())
             self._undo.append(handle.remove)
         elif self.hand == "layer drop":
             for i, layer in enumerate(layers):
                 self._wrap_drop(layer, f"{LAYER}.{i}")
         elif self.hand == "checkpoint every layer":
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self._undo.append(self.hf.gradient_checkpointing_disable)
+            self.hf.activation_checkpointing_enable({"use_reentrant": False})
+            self._undo.append(self.hf.activation_checkpointing_disable)
         elif self.hand in ("mask new-token rows", "mask sparse subset"):
             params = dict(self.named_parameters())
             if self.hand == "mask new-token rows":
@@ -299,15 +300,16 @@ class Variant:
 
     def __init__(self, technique: str, ours: bool, hf: nn.Module) -> None:
         self.technique, self.ours = technique, ours
+        self.make = techniques(len(hf.model.layers))[technique]
         self.model = LM(hf, hand=None if ours or technique == "no technique" else technique)
         self.setup_s: list[float] = []
 
     def fit(self, steps: int, extra: list[Callback] | None = None) -> tuple[L.Trainer, StepClock]:
         """Train ``steps`` steps with this variant's techniques (fresh callbacks) and ``extra`` callbacks."""
-        techniques = TECHNIQUES[self.technique]() if self.ours else []
-        clock = StepClock(techniques)
-        trainer = fit(self.model, [*techniques, clock, *(extra or [])], steps)
-        if techniques:
+        callbacks = self.make() if self.ours else []
+        clock = StepClock(callbacks)
+        trainer = fit(self.model, [*callbacks, clock, *(extra or [])], steps)
+        if callbacks:
             self.setup_s.append(clock.setup_s)
         return trainer, clock
 
@@ -400,7 +402,7 @@ def run(args: Any) -> Section:
         f"embedding and output layer may change (strict), or a random {KEEP_SPARSE:.0%} of every projection weight "
         f"({len(sparse_masks(hf))} tensors, strict); detach the output of layer {HALF - 1}; skip each layer with "
         f"probability {DROP} (the hand-written version replays the callback's draws, so both run the same layers); "
-        "checkpoint every layer (hand-written: Hugging Face's gradient_checkpointing_enable, use_reentrant=False); "
+        "checkpoint every layer (hand-written: Hugging Face's activation_checkpointing_enable, use_reentrant=False); "
         f"selective backprop: topk, keep {KEEP_SAMPLES} of each batch.",
         f"Step times: {rounds} interleaved rounds, each a fit of {warmup + timed + 1} steps per variant whose first "
         f"{warmup} steps are warm-up; ratio = median over rounds of the per-round ratio. Shared CPU: read the ratios.",
