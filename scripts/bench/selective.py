@@ -60,67 +60,41 @@ def _control(batch: int) -> tuple[int, None]:
     return batch, None
 
 
+FULL = {"full batches (64)": (BATCH, None)}
+TOPK = {"topk keep=0.25": (BATCH, {"keep": 0.25, "method": "topk"})}
+PROBABILITY = {"probability keep=0.25": (BATCH, {"keep": 0.25, "method": "probability"})}
+CONTROL = {"control: batches of 16": _control(16)}  # the strongest control found (also under label noise)
+
 SETTINGS = [
+    Setting("clean digits", {**FULL, **TOPK, **PROBABILITY, **CONTROL}, epochs=6, judge="compute", target=0.97),
     Setting(
-        "clean digits",
-        {
-            "full batches (64)": (BATCH, None),
-            "topk keep=0.25": (BATCH, {"keep": 0.25, "method": "topk"}),
-            "probability keep=0.25": (BATCH, {"keep": 0.25, "method": "probability"}),
-            "control: batches of 16": _control(16),
-        },
-        epochs=6,
+        "classes 0-4 repeated 8x (redundant data)",
+        {**FULL, **TOPK, **PROBABILITY, "topk keep=0.5 of 32": (32, {"keep": 0.5, "method": "topk"}), **CONTROL},
+        epochs=3,
         judge="compute",
         target=0.97,
-    ),
-    Setting(
-        "classes 0-4 repeated 8x (redundant easy data)",
-        {
-            "full batches (64)": (BATCH, None),
-            "topk keep=0.25": (BATCH, {"keep": 0.25, "method": "topk"}),
-            "probability keep=0.25": (BATCH, {"keep": 0.25, "method": "probability"}),
-            "control: batches of 16": _control(16),
-        },
-        epochs=5,
-        judge="compute",
-        target=0.98,
         imbalance=dict.fromkeys(range(5), 8.0),
     ),
     Setting(
         "classes 5-9 at 10% (rare classes)",
-        {
-            "full batches (64)": (BATCH, None),
-            "topk keep=0.25": (BATCH, {"keep": 0.25, "method": "topk"}),
-            "probability keep=0.25": (BATCH, {"keep": 0.25, "method": "probability"}),
-            "control: batches of 16": _control(16),
-        },
-        epochs=12,
+        {**FULL, **TOPK, **PROBABILITY, **CONTROL},
+        epochs=8,
         judge="compute",
         target=0.90,
         imbalance=dict.fromkeys(range(5, 10), 0.1),
     ),
     Setting(
         "20% of labels flipped",
-        {
-            "full batches (64)": (BATCH, None),
-            "outliers keep=0.7": (BATCH, {"keep": 0.7, "method": "outliers"}),
-            "control: batches of 45": _control(45),
-            "control: batches of 16": _control(16),
-        },
-        epochs=20,
+        {**FULL, "outliers keep=0.7 after 10%": (BATCH, {"keep": 0.7, "method": "outliers", "start": 0.1}), **CONTROL},
+        epochs=15,
         judge="final",
         noise=0.2,
         val_every=1.0,
     ),
     Setting(
         "40% of labels flipped",
-        {
-            "full batches (64)": (BATCH, None),
-            "outliers keep=0.6, after 10%": (BATCH, {"keep": 0.6, "method": "outliers", "start": 0.1}),
-            "control: batches of 38": _control(38),
-            "control: batches of 16": _control(16),
-        },
-        epochs=20,
+        {**FULL, "outliers keep=0.5 after 10%": (BATCH, {"keep": 0.5, "method": "outliers", "start": 0.1}), **CONTROL},
+        epochs=15,
         judge="final",
         noise=0.4,
         val_every=1.0,
