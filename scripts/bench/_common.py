@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,3 +91,12 @@ def time_side_by_side(
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def quiet() -> None:
+    """Keep the banners and warnings of many short ``Trainer.fit`` runs out of the report."""
+    for pattern in (".*does not have many workers.*", ".*val_check_interval.*", ".*LeafSpec.*", ".*logging interval.*"):
+        warnings.filterwarnings("ignore", pattern)
+    warnings.filterwarnings("ignore", ".*checkpointing.*deprecated.*", category=FutureWarning)
+    for name in ("lightning.pytorch", "lightning.fabric", "lit_partial"):
+        logging.getLogger(name).setLevel(logging.ERROR)

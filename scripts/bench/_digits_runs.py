@@ -8,9 +8,7 @@ training forward + 2 x backward).
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,16 +104,6 @@ class Curve(Callback):
         """Mean validation accuracy over the last ``last`` validations (steadier than the very last one)."""
         tail = [p[0] for p in self.points[-last:]]
         return sum(tail) / len(tail)
-
-
-def quiet() -> None:
-    """Keep the banners and warnings of many short fits out of the report."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*val_check_interval.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    for name in ("lightning.pytorch", "lightning.fabric", "lit_partial"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def train(

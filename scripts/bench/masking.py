@@ -29,7 +29,7 @@ from lit_partial.functional.masking import (
     restore_masked,
     snapshot_masked,
 )
-from scripts.bench._common import Section, ffn_setup, time_side_by_side
+from scripts.bench._common import Section, ffn_setup, quiet, time_side_by_side
 
 REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
 
@@ -157,6 +157,7 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
 
 
 def run(args: Any) -> Section:
+    quiet()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rounds, iters = (4, 3) if args.quick else (21, 5)
     variants = ("none", "grads only (strict=False)", "strict")

@@ -34,8 +34,8 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
-from scripts.bench._common import Section, ffn_setup, time_side_by_side
-from scripts.bench._digits_runs import Curve, quiet, train
+from scripts.bench._common import Section, ffn_setup, quiet, time_side_by_side
+from scripts.bench._digits_runs import Curve, train
 
 REQUIRES = ("matplotlib", "sklearn")  # optional packages, checked before any section runs
 

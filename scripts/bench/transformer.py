@@ -50,7 +50,7 @@ from lit_partial import (
 )
 from lit_partial.conditions import uniform_draw
 from lit_partial.functional.mask_builders import build_random_mask
-from scripts.bench._common import Section
+from scripts.bench._common import Section, quiet
 
 REQUIRES = ("transformers",)  # optional packages, checked before any section runs
 
@@ -347,6 +347,7 @@ def _pairs(variants: dict[tuple[str, bool], Variant], rounds: int) -> Iterator[l
 
 
 def run(args: Any) -> Section:
+    quiet()
     threads = torch.get_num_threads()
     if not getattr(args, "threads", None):
         torch.set_num_threads(1)  # one thread: far steadier ratios on a shared machine
