@@ -65,6 +65,14 @@ TOPK = {"topk keep=0.25": (BATCH, {"keep": 0.25, "method": "topk"})}
 PROBABILITY = {"probability keep=0.25": (BATCH, {"keep": 0.25, "method": "probability"})}
 CONTROL = {"control: batches of 16": _control(16)}  # the strongest control found (also under label noise)
 
+
+def _outliers(keep: float) -> dict[str, tuple[int, dict[str, Any]]]:
+    # Full batches for 2 epochs first: a network learns the clean labels before the flipped ones, so only then
+    # do the highest losses point at the flipped labels (from the first step they are random).
+    spec = {"keep": keep, "method": "outliers", "start": 2, "unit": "epoch"}
+    return {f"outliers keep={keep} from epoch 2": (BATCH, spec)}
+
+
 SETTINGS = [
     Setting("clean digits", {**FULL, **TOPK, **PROBABILITY, **CONTROL}, epochs=6, judge="compute", target=0.97),
     Setting(
@@ -85,7 +93,11 @@ SETTINGS = [
     ),
     Setting(
         "20% of labels flipped",
-        {**FULL, "outliers keep=0.7 after 10%": (BATCH, {"keep": 0.7, "method": "outliers", "start": 0.1}), **CONTROL},
+        {
+            **FULL,
+            "outliers keep=0.7 from epoch 2": (BATCH, {"keep": 0.7, "method": "outliers", "start": 2, "unit": "epoch"}),
+            **CONTROL,
+        },
         epochs=15,
         judge="final",
         noise=0.2,
@@ -93,7 +105,11 @@ SETTINGS = [
     ),
     Setting(
         "40% of labels flipped",
-        {**FULL, "outliers keep=0.5 after 10%": (BATCH, {"keep": 0.5, "method": "outliers", "start": 0.1}), **CONTROL},
+        {
+            **FULL,
+            "outliers keep=0.5 from epoch 2": (BATCH, {"keep": 0.5, "method": "outliers", "start": 2, "unit": "epoch"}),
+            **CONTROL,
+        },
         epochs=15,
         judge="final",
         noise=0.4,
