@@ -396,7 +396,9 @@ def floor_second_moments(optimizer: Optimizer, masks: MaskPairs, floor: float = 
 
 
 def _raise_masked(state: dict[str, Any], keys: Sequence[str], param: Tensor, mask: Tensor, floor: float) -> None:
-    frozen = torch.logical_not(mask if mask.dtype == torch.bool else mask != 0).to(param.device)
+    # Sharded (FSDP2): parameter, mask and moments are DTensors sharded alike; work on this rank's shards.
+    mask = local_tensor(mask)
+    frozen = torch.logical_not(mask if mask.dtype == torch.bool else mask != 0).to(local_tensor(param).device)
     with torch.no_grad():
         for key in keys:
             moment = state.get(key)
@@ -404,5 +406,6 @@ def _raise_masked(state: dict[str, Any], keys: Sequence[str], param: Tensor, mas
                 continue
             if torch.finfo(moment.dtype).tiny > _NORMAL_MIN:
                 continue  # float16: the floor is not a normal number there
+            local = local_tensor(moment)
             # Only masked positions; a select, so every other element keeps its exact bits.
-            torch.where(frozen, moment.clamp_min(floor), moment, out=moment)
+            torch.where(frozen, local.clamp_min(floor), local, out=local)
