@@ -258,14 +258,17 @@ def select_submodules(
 
 def _under(name: str, chosen: set[str]) -> bool:
     """Whether ``name`` or one of its ancestors (``"a"``, ``"a.b"`` for ``"a.b.c"``) is in ``chosen``."""
-    if name in chosen:
-        return True
+    return any(ancestor in chosen for ancestor in _ancestors(name))
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    """``name`` and its ancestors, outermost first: ``"a"``, ``"a.b"``, ``"a.b.c"`` for ``"a.b.c"`` (none for "")."""
     end = name.find(".")
     while end != -1:
-        if name[:end] in chosen:
-            return True
+        yield name[:end]
         end = name.find(".", end + 1)
-    return False
+    if name:
+        yield name
 
 
 def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str, nn.Parameter]]:
@@ -289,12 +292,23 @@ def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str,
         canonical.setdefault(id(p), (name, p))
     by_name = dict(aliases)
     param_index, module_index = _Names([name for name, _ in aliases]), _Names(module_names)
+    matched = [
+        (selector, {id(by_name[name]) for name in param_index.match(selector)}, module_index.match(selector))
+        for selector in as_selector_list(selectors)
+    ]
+    # A module selects every parameter under it: one pass over the parameters for all selectors together
+    # (a pass per selector was quadratic for long lists of exact names, e.g. the bottom half of 100 layers).
+    selected_modules = {m for _, _, modules in matched for m in modules}
+    under: dict[str, set[int]] = {}
+    if selected_modules:
+        for name, p in aliases:
+            for ancestor in _ancestors(name.rpartition(".")[0]):
+                if ancestor in selected_modules:
+                    under.setdefault(ancestor, set()).add(id(p))
     chosen: set[int] = set()
-    for selector in as_selector_list(selectors):
-        hits = {id(by_name[name]) for name in param_index.match(selector)}
-        modules = set(module_index.match(selector))
-        if modules:  # a module selects every parameter under it
-            hits.update(id(p) for name, p in aliases if _under(name.rpartition(".")[0], modules))
+    for selector, hits, modules in matched:
+        for module in modules:
+            hits |= under.get(module, set())
         if not hits:
             params = [name for name, _ in canonical.values()]
             raise _no_match(selector, params + [n for n in module_names if n not in set(params)], model, "parameter")

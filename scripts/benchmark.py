@@ -6,13 +6,16 @@ Run all sections, or some, and write ``results.md``, ``results.json`` and plots 
     python scripts/benchmark.py --only freezing       # one section (file name in scripts/bench/)
     python scripts/benchmark.py --quick               # fewer rounds, for a smoke run
 
-Each section is a module in ``scripts/bench/`` with ``run(args) -> Section``.
+Each section is a module in ``scripts/bench/`` with ``run(args) -> Section`` and ``REQUIRES``, the optional
+packages it imports (checked for every chosen section before the first one runs:
+``pip install 'lit-partial[bench]'`` installs them all).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import pkgutil
 import sys
@@ -31,6 +34,20 @@ def available_sections() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 
+#: Import name -> pip name of the optional packages that sections declare in ``REQUIRES``.
+PIP_NAMES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "transformers": "transformers"}
+
+
+def missing_dependencies(sections: list[str]) -> dict[str, list[str]]:
+    """Optional packages the chosen sections need but the environment lacks: ``{import name: [sections]}``."""
+    missing: dict[str, list[str]] = {}
+    for name in sections:
+        for package in getattr(importlib.import_module(f"scripts.bench.{name}"), "REQUIRES", ()):
+            if importlib.util.find_spec(package) is None:
+                missing.setdefault(package, []).append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     sections = available_sections()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +55,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (smoke run, noisier)")
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--skip-missing", action="store_true", help="run only the sections whose optional packages are installed"
+    )
     args = parser.parse_args(argv)
+    missing = missing_dependencies(args.only)
+    if missing:
+        lines = [f"  {PIP_NAMES.get(m, m)} (for {', '.join(s)})" for m, s in missing.items()]
+        pip = " ".join(sorted({PIP_NAMES.get(m, m) for m in missing}))
+        if not args.skip_missing:
+            print(
+                "[benchmark] missing optional packages:\n" + "\n".join(lines) + f"\nFix: pip install {pip} (or "
+                "pip install 'lit-partial[bench]' for all of them), or add --skip-missing to run the other sections, "
+                "or choose sections with --only.",
+                file=sys.stderr,
+            )
+            return 2
+        skipped = {s for names in missing.values() for s in names}
+        print(f"[benchmark] skipping {', '.join(sorted(skipped))}: missing {pip}", flush=True)
+        args.only = [name for name in args.only if name not in skipped]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,20 @@ def test_selection_does_linearly_many_match_operations() -> None:
     )  # 2 selectors x (400 parameter + 301 module names)
 
 
+def test_many_module_names_walk_the_parameters_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of k module names (the bottom half of a deep model) costs one walk over the parameters, not k."""
+    import lit_partial.selection as selection
+
+    walks = []
+    ancestors = selection._ancestors
+    monkeypatch.setattr(selection, "_ancestors", lambda name: walks.append(name) or ancestors(name))
+    for blocks in (100, 400):
+        walks.clear()
+        chosen = select_parameters(wide_model(blocks), [f"blocks.{i}" for i in range(blocks // 2)])
+        assert len(chosen) == 2 * blocks  # two Linears (weight and bias each) in each of blocks // 2 blocks
+        assert len(walks) == 4 * blocks  # one ancestor walk per parameter
+
+
 def test_tied_parameters_are_selected_by_either_name() -> None:
     model = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 5, bias=False))
     model[1].weight = model[0].weight

@@ -63,7 +63,12 @@ from lit_partial.functional.mask_builders import (
     is_dynamic_spec,
     resolve_mask_source,
 )
-from lit_partial.functional.masking import count_masked, guard_masked_elements, mask_gradients
+from lit_partial.functional.masking import (
+    count_masked,
+    floor_second_moments,
+    guard_masked_elements,
+    mask_gradients,
+)
 from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
 from lit_partial.summary import record_masked
 
@@ -121,7 +126,10 @@ class GradientMasking(Technique):
           also broadcast from rank 0 once at fit start, so masks built from per-rank data agree too.
         * Checkpoints hold every static mask keyed by parameter name; resume restores them exactly
           (a magnitude mask is not rebuilt from the resumed weights). ``where`` masks are rebuilt.
-        * Optimizer *state* of masked elements (momentum, moments) may still change; their values do not.
+        * Optimizer *state* of masked elements may still change; their values do not. Under Adam, AdamW,
+          NAdam, RAdam, RMSprop and Adagrad, the square-rooted second moment of masked elements is kept at or
+          above 2**-100 instead of exactly 0 (see :func:`~lit_partial.functional.masking.floor_second_moments`:
+          ``sqrt(0)`` is slow on CPUs); their first moment stays whatever the optimizer makes of a zero gradient.
         * With fp16 ``GradScaler``, the scaler's overflow check is redone on the masked gradients, so an inf
           only in masked positions neither skips the step nor shrinks the scale.
         * LBFGS re-evaluates its closure inside one step; it works with static masks in strict mode,
@@ -256,8 +264,12 @@ class GradientMasking(Technique):
                     "with the weights; strict masking cannot hold one mask through such a step. Fix: use a static "
                     "mask (e.g. a tensor or 'magnitude'), or another optimizer."
                 )
+            pairs = self._pairs_provider(mine)
             if self.strict:
-                self.handles.add(guard_masked_elements(optimizer, self._pairs_provider(mine), self.reuse_snapshots))
+                self.handles.add(guard_masked_elements(optimizer, pairs, self.reuse_snapshots))
+            # Adam-like optimizers: masked second moments kept off exact zero, whose sqrt is slow on CPUs. Registered
+            # before the stale marker, so a "where" mask is the one in force for the step just taken.
+            self.handles.add(floor_second_moments(optimizer, pairs))
             if dynamic:
                 self.handles.add(optimizer.register_step_post_hook(self._stale_marker(mine)))
         total = sum(e.param.numel() for e in self._entries)

@@ -31,6 +31,7 @@ from lit_partial.functional.mask_builders import (
 )
 from lit_partial.functional.masking import (
     count_masked,
+    floor_second_moments,
     guard_masked_elements,
     mask_gradients,
     restore_masked,
@@ -71,6 +72,7 @@ __all__ = [
     "count_masked",
     "detach_if",
     "detach_outputs",
+    "floor_second_moments",
     "freeze",
     "frozen_parameter_names",
     "guard_masked_elements",

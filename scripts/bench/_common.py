@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,20 +61,22 @@ def time_side_by_side(
     rounds: int = 7,
     iters: int = 10,
     reduce: Literal["median", "min"] = "median",
+    order_offset: int = 0,
 ) -> dict[str, float]:
     """Seconds per call of each function, measured in interleaved rounds whose order rotates every round.
 
     Interleaving (A, B, C, B, C, A, ...) means drift in machine load hits every variant alike, so the ratios
     between them are meaningful even on a shared machine; absolute times are not. ``reduce="min"`` reports
     each variant's best round: noise on a shared CPU only ever adds time, so the best round is the closest
-    to the true cost.
+    to the true cost. ``order_offset`` rotates the order of the first round (for callers that run one round at a
+    time and want the rotation to continue).
     """
     names = list(fns)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
+    for r in range(order_offset, order_offset + rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             _sync()
             start = time.perf_counter()
@@ -87,3 +91,12 @@ def time_side_by_side(
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def quiet() -> None:
+    """Keep the banners and warnings of many short ``Trainer.fit`` runs out of the report."""
+    for pattern in (".*does not have many workers.*", ".*val_check_interval.*", ".*LeafSpec.*", ".*logging interval.*"):
+        warnings.filterwarnings("ignore", pattern)
+    warnings.filterwarnings("ignore", ".*checkpointing.*deprecated.*", category=FutureWarning)
+    for name in ("lightning.pytorch", "lightning.fabric", "lit_partial"):
+        logging.getLogger(name).setLevel(logging.ERROR)

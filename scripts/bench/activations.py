@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from lit_partial.functional import checkpoint_modules, detach_outputs, offload_modules, saved_activation_bytes
 from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
+REQUIRES = ("matplotlib",)  # optional packages, checked before any section runs
+
 MIDDLE = 3  # detach after blocks.3: blocks 0-3 keep nothing, blocks 4-7 train
 
 

@@ -37,6 +37,8 @@ from lit_partial.conditions import StepContext
 from lit_partial.functional.measure import count_flops
 from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
+REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
+
 HALF = 4  # blocks.0-3: the bottom half of the 8 blocks
 
 

@@ -32,6 +32,8 @@ from lit_partial.examples.models import DigitsCNN
 from lit_partial.functional import count_flops, hold_norm_statistics
 from scripts.bench._common import Section, ffn_setup, time_side_by_side
 
+REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
+
 FROZEN_BLOCKS = 4
 
 

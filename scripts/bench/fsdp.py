@@ -37,6 +37,8 @@ if str(ROOT) not in sys.path:
 
 from scripts.bench._common import Section  # noqa: E402
 
+REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
+
 HALF = 4  # blocks.0-3: the bottom half of the 8 blocks
 WARMUP = 3
 

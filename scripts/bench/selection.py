@@ -29,6 +29,8 @@ from lit_partial import (
 from lit_partial.selection import count_match_operations, select_parameters
 from scripts.bench._common import Section
 
+REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
+
 
 class Wide(PartialBackpropMixin, L.LightningModule):
     """``blocks.0 ... blocks.{n-1}``, each a Linear(1, 1), and a ``head``; mixin for the callbacks that need it."""

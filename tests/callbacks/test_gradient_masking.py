@@ -156,6 +156,59 @@ def test_matches_plain_pytorch_reference_with_accumulation_and_clipping() -> Non
         assert torch.equal(a, b), name
 
 
+class ClipRecorder(Tiny):
+    """Records the total gradient norm that gradient clipping is handed, at every optimizer step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.norms: list[torch.Tensor] = []
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **kwargs: Any) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.norms.append(torch.nn.utils.get_total_norm(grads))
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, **kwargs)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_adamw_matches_hand_written_loop_and_clipping_sees_the_masked_norm(strict: bool) -> None:
+    """AdamW, accumulate 2, clip: Lightning + GradientMasking == a hand-written loop, bit for bit.
+
+    The clipping norm is the masked one, every parameter and every first moment is the hand-written loop's, and
+    so is the second moment of every unmasked element; masked second moments hold the floor instead of 0.
+    """
+    keep = KEEP["net.0.weight"]
+    model, ref = ClipRecorder("adamw", weight_decay=0.1), Tiny("adamw", weight_decay=0.1)
+    cb = GradientMasking({"net.0.weight": keep}, strict=strict)
+    trainer = quiet_trainer(callbacks=[cb], max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    trainer.fit(model, loader())
+
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
+    w, norms = ref.net[0].weight, []
+    batches = list(loader())
+    for _ in range(2):
+        for i in range(0, len(batches), 2):
+            for x, y in batches[i : i + 2]:
+                (nn.functional.mse_loss(ref(x), y) / 2).backward()
+            w.grad = torch.where(keep, w.grad, torch.zeros(()))
+            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05))
+            old = w.detach().clone()
+            opt.step()
+            if strict:
+                w.data = torch.where(keep, w.data, old)
+            opt.zero_grad()
+    assert len(model.norms) == len(norms) == 4
+    for got, expected in zip(model.norms, norms, strict=True):
+        assert torch.equal(got, expected)
+    state = trainer.optimizers[0].state
+    for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(bits(a), bits(b)), name
+        assert torch.equal(bits(state[a]["exp_avg"]), bits(opt.state[b]["exp_avg"])), name
+        v, v_ref = state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]
+        frozen = ~keep if name == "net.0.weight" else torch.zeros_like(v, dtype=torch.bool)
+        assert torch.equal(bits(v)[~frozen], bits(v_ref)[~frozen]), name
+        assert (v[frozen] >= 2.0**-125).all() and (v_ref[frozen] == 0).all(), name
+
+
 def test_lbfgs_static_masks_supported_where_masks_rejected() -> None:
     model = Tiny("lbfgs", lr=0.5, max_iter=4)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -18,10 +18,13 @@ from lit_partial.functional.mask_builders import (
     validate_mask_spec,
 )
 from lit_partial.functional.masking import (
+    SECOND_MOMENT_FLOOR,
     count_masked,
+    floor_second_moments,
     guard_masked_elements,
     mask_gradients,
     restore_masked,
+    second_moment_keys,
     snapshot_masked,
 )
 
@@ -270,3 +273,97 @@ def test_guard_keeps_in_place_writes_made_between_steps(reuse: bool) -> None:
     assert w[1].item() == 7.0
     assert w[3].item() == (1.0 if reuse else 9.0)
     assert (w[keep] < 1).all()
+
+
+# --- second-moment floor (speed: sqrt of exact zeros is slow on CPUs) ---------------------------------------
+
+FLOORED = ["adam", "adam_amsgrad", "adamw", "adamw_fused", "rmsprop", "adagrad", "nadam", "radam"]
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_floor_changes_only_masked_second_moments(name: str) -> None:
+    cls, kwargs = _optimizers()[name]
+    w0 = torch.randn(6, 5)
+    keep = build_random_mask((6, 5), keep=0.4, seed=0, name="w")
+    grads = [torch.randn(6, 5) for _ in range(4)]
+
+    def run(floored: bool) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        w = torch.nn.Parameter(w0.clone())
+        opt = cls([w], **kwargs)
+        handle = floor_second_moments(opt, lambda: [(w, keep)]) if floored else None
+        for g in grads:
+            w.grad = g.clone()
+            mask_gradients([w], [keep])
+            opt.step()
+        if handle is not None:
+            handle.remove()
+            assert not opt._optimizer_step_post_hooks
+        return w.detach(), opt
+
+    (w, opt), (w_ref, opt_ref) = run(True), run(False)
+    assert torch.equal(bits(w), bits(w_ref))  # every value, masked or not, is what masking alone gives
+    keys = second_moment_keys(opt)
+    assert bool(keys) == (name in FLOORED)
+    state, ref = opt.state[opt.param_groups[0]["params"][0]], opt_ref.state[opt_ref.param_groups[0]["params"][0]]
+    for key, value in state.items():
+        if key in keys:
+            assert torch.equal(bits(value)[keep], bits(ref[key])[keep]), key  # unmasked state untouched
+            assert (value[~keep] >= 2.0**-125).all(), key  # masked: a normal float, never 0
+        else:  # first moments, steps, ...: bit for bit
+            assert torch.equal(bits(value), bits(ref[key])), key
+
+
+def test_floor_is_refreshed_before_the_moment_decays_out_of_the_normal_range() -> None:
+    w = torch.nn.Parameter(torch.ones(4))
+    keep = torch.tensor([True, False, True, False])
+    opt = torch.optim.Adam([w], lr=0.1, betas=(0.9, 0.5))  # halves every step: refresh every 25 steps
+    floor_second_moments(opt, lambda: [(w, keep)])
+    seen = []
+    for _ in range(60):
+        w.grad = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        opt.step()
+        seen.append(opt.state[w]["exp_avg_sq"][1].item())
+    assert min(seen) >= 2.0**-125 and seen[0] == seen[25] == seen[50] == SECOND_MOMENT_FLOOR
+    assert seen[24] == SECOND_MOMENT_FLOOR * 0.5**24
+    assert w[1].item() == 1.0 and w[3].item() == 1.0  # first moment 0: the update of masked elements is 0
+
+
+def test_floor_schedule_survives_a_resume_bit_for_bit() -> None:
+    keep = torch.tensor([True, False, True, False])
+    grads = [torch.tensor([1.0, 0.0, -1.0, 0.0]) * (i + 1) for i in range(40)]
+
+    def fresh() -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.AdamW([w], lr=0.01, betas=(0.9, 0.5))
+        floor_second_moments(opt, lambda: [(w, keep)])
+        return w, opt
+
+    def train(w: torch.nn.Parameter, opt: torch.optim.Optimizer, gs: list[torch.Tensor]) -> None:
+        for g in gs:
+            w.grad = g.clone()
+            opt.step()
+
+    w, opt = fresh()
+    train(w, opt, grads)
+    w2, opt2 = fresh()
+    train(w2, opt2, grads[:17])
+    saved_w, saved_opt = w2.detach().clone(), opt2.state_dict()
+    w3, opt3 = fresh()
+    with torch.no_grad():
+        w3.copy_(saved_w)
+    opt3.load_state_dict(saved_opt)
+    train(w3, opt3, grads[17:])
+    assert torch.equal(bits(w3), bits(w))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(bits(opt3.state[w3][key]), bits(opt.state[w][key])), key
+
+
+def test_floor_leaves_sgd_alone_and_skips_float16_moments() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    assert not floor_second_moments(torch.optim.SGD([w], lr=0.1, momentum=0.9), lambda: [(w, w > 0)])._handles
+    h = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = torch.optim.Adam([h], lr=0.1)
+    floor_second_moments(opt, lambda: [(h, torch.tensor([True, False, True]))])
+    h.grad = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float16)
+    opt.step()
+    assert opt.state[h]["exp_avg_sq"][1].item() == 0.0
