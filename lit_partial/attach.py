@@ -185,7 +185,7 @@ def _install_dispatcher(module: nn.Module, chain: list[tuple[bool, int, ForwardW
         return call(*args, **kwargs)
 
     setattr(forward, _CHAIN_ATTR, chain)
-    forward.__lit_partial_restore__ = (had_own, own)  # type: ignore[attr-defined]
+    forward.__lit_partial_restore__ = (had_own, own)  # type: ignore[attr-defined]  # a marker on a function
     module.__dict__["forward"] = forward
     return forward
 

@@ -385,16 +385,16 @@ def _window(spec: Mapping[str, Any], key: str) -> tuple[int, int | None]:
         raise ConditionError(f"condition {dict(spec)!r}: `{key}` must be a pair [start, end] (end may be null).")
     start = _int(spec, f"{key}[0]", value[0])
     end = _int(spec, f"{key}[1]", value[1], allow_none=True)
-    if end is not None and end <= start:  # type: ignore[operator]
+    if end is not None and end <= start:  # type: ignore[operator]  # _int: None only if allow_none
         raise ConditionError(f"condition {dict(spec)!r}: `{key}` end {end} must be greater than start {start}.")
-    return start, end  # type: ignore[return-value]
+    return start, end  # type: ignore[return-value]  # start: _int without allow_none
 
 
 def _probability(spec: Mapping[str, Any]) -> Probability:
     p = spec["probability"]
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= float(p) <= 1.0:
         raise ConditionError(f"condition {dict(spec)!r}: `probability` must be a number in [0, 1], got {p!r}.")
-    return Probability(float(p), _int(spec, "seed", spec.get("seed", 0)))  # type: ignore[arg-type]
+    return Probability(float(p), _int(spec, "seed", spec.get("seed", 0)))  # type: ignore[arg-type]  # not None
 
 
 def _statistic(spec: Mapping[str, Any]) -> Statistic:

@@ -66,7 +66,7 @@ def _list_type(hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (list, tuple, Sequence) and args and args[0] in _PRIMITIVES and args[1:] in ((), (Ellipsis,)):
-        return list[args[0]]  # type: ignore[valid-type]
+        return list[args[0]]  # type: ignore[valid-type]  # built at runtime
     return None
 
 

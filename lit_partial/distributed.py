@@ -283,7 +283,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
     In-place writes to the result (under ``torch.no_grad()``) write the DTensor's local shard.
     """
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]  # a DTensor
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -291,8 +291,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(t):
         return t
     if t.dtype == torch.bool:  # gloo cannot gather bool
-        return t.to(torch.uint8).full_tensor().bool()  # type: ignore[attr-defined,no-any-return]
-    return t.full_tensor()  # type: ignore[attr-defined,no-any-return]
+        return t.to(torch.uint8).full_tensor().bool()  # type: ignore[attr-defined,no-any-return]  # a DTensor
+    return t.full_tensor()  # type: ignore[attr-defined,no-any-return]  # a DTensor
 
 
 def shard_like(t: torch.Tensor, param: torch.Tensor, *, src_data_rank: int | None = 0) -> torch.Tensor:
@@ -314,10 +314,10 @@ def shard_like(t: torch.Tensor, param: torch.Tensor, *, src_data_rank: int | Non
         return t
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = param.device_mesh  # type: ignore[attr-defined]
+    mesh = param.device_mesh  # type: ignore[attr-defined]  # a DTensor
     offset = param.dim() - t.dim()
     placements: list[Any] = []
-    for placement in param.placements:  # type: ignore[attr-defined]
+    for placement in param.placements:  # type: ignore[attr-defined]  # a DTensor
         dim = (placement.dim % param.dim()) - offset if isinstance(placement, Shard) else -1
         placements.append(Shard(dim) if dim >= 0 and t.shape[dim] != 1 else Replicate())
     source = t.detach().to(mesh.device_type)

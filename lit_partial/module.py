@@ -82,8 +82,8 @@ class PartialBackpropMixin:
             name: The gate name callbacks refer to (e.g. ``ConditionalDetach({"features": ...})``).
             x: A tensor, or a tuple/dict of tensors, as the callback's rule supports.
         """
-        record_gate(self, name)  # type: ignore[arg-type]
-        for fn in gate_functions(self, name):  # type: ignore[arg-type]
+        record_gate(self, name)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
+        for fn in gate_functions(self, name):  # type: ignore[arg-type]  # a mixin: self is the module
             x = fn(x)
         return x
 
@@ -112,7 +112,7 @@ class PartialBackpropMixin:
             >>> def configure_optimizers(self):  # doctest: +SKIP
             ...     return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
         """
-        trainer = attached_trainer(self)  # type: ignore[arg-type]
+        trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
         planners = [
             cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, ParamGroupPlanner)
         ]
@@ -120,8 +120,8 @@ class PartialBackpropMixin:
             names = ", ".join(type(cb).__name__ for cb in planners)
             raise ConfigurationError(f"several callbacks plan parameter groups ({names}); keep one of them.")
         if planners:
-            return planners[0].plan_param_groups(self, dict(defaults))  # type: ignore[arg-type]
-        return [{"params": list(self.parameters()), "name": "all", **defaults}]  # type: ignore[attr-defined]
+            return planners[0].plan_param_groups(self, dict(defaults))  # type: ignore[arg-type]  # mixin: self is the module
+        return [{"params": list(self.parameters()), "name": "all", **defaults}]  # type: ignore[attr-defined]  # mixin
 
     def partial_summary(self, depth: int = 1) -> str:
         """A table per module: parameters total, trainable (``requires_grad``) and masked, then tied parameters.
@@ -132,7 +132,7 @@ class PartialBackpropMixin:
                 the model has several parts, e.g. ``model.base_model.model.model`` and ``...lm_head`` for a
                 PEFT-wrapped causal LM, ``depth=3`` its ``layers.0``, ``layers.1``, ... Row names are selectors.
         """
-        return format_summary(summarize(self, depth), tie_notes(self, depth))  # type: ignore[arg-type]
+        return format_summary(summarize(self, depth), tie_notes(self, depth))  # type: ignore[arg-type]  # mixin
 
     def tbptt_step(self, batch: Any, k: int, step_fn: Callable[[Any, Any], Any], **kwargs: Any) -> Tensor | None:
         """Truncated backprop through time over ``batch`` in chunks of ``k`` steps; returns the mean chunk loss.
@@ -151,8 +151,8 @@ class PartialBackpropMixin:
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Apply the batch transforms callbacks registered (e.g. ``SelectiveBackprop``) after ``super()``'s."""
-        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        for fn in batch_transforms(self):  # type: ignore[arg-type]
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]  # mixin: LightningModule next
+        for fn in batch_transforms(self):  # type: ignore[arg-type]  # a mixin: self is the module
             batch = fn(batch, dataloader_idx)
         return batch
 
@@ -165,10 +165,10 @@ class PartialBackpropMixin:
         Raises:
             CheckpointMismatchError: Naming the technique whose state would be dropped and the fix.
         """
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]  # mixin: LightningModule next
         from lit_partial.callbacks.base import Technique, check_checkpoint_techniques  # imported late: a cycle
 
-        trainer = attached_trainer(self)  # type: ignore[arg-type]
+        trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
         callbacks = trainer.callbacks if trainer is not None else []
         if not any(isinstance(cb, Technique) for cb in callbacks):
             check_checkpoint_techniques(checkpoint, [])

@@ -138,9 +138,9 @@ def decide(rule: Rule, ctx: StepContext, x: Tensor | None, salt: str) -> bool | 
             "module's output holds none; rule on a module that returns a float tensor, tuple or dict of them."
         )
     if rule.per_sample:
-        if x.dim() == 0:  # type: ignore[union-attr]
+        if x.dim() == 0:  # type: ignore[union-attr]  # None raised above
             raise ConditionError(f"per-sample rule {rule.key!r} on {salt!r} got a 0-d tensor; it needs a batch dim.")
-        return sample_mask(rule.condition, ctx, x, salt)  # type: ignore[arg-type]
+        return sample_mask(rule.condition, ctx, x, salt)  # type: ignore[arg-type]  # None raised above
     if ctx.sharded:  # FSDP2: ranks deciding differently would issue different collectives and hang
         return holds_on_all_ranks(rule.condition, ctx, x, salt)
     return bool(rule.condition(ctx, x if rule.condition.needs_activation else None, salt=salt))
@@ -172,7 +172,7 @@ def apply_decision(rule: Rule, decision: bool | Tensor, output: Any) -> Any:
         return scale_grad(output, rule.grad_scale) if decision else output
     if not may_hold(decision):
         return output
-    factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]
+    factors = decision.to(first_tensor(output).dtype) * (rule.grad_scale - 1.0) + 1.0  # type: ignore[union-attr]  # a tensor
     return scale_grad(output, factors)
 
 

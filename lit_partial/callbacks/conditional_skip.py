@@ -306,5 +306,5 @@ class StochasticDepth(ConditionalSkip):
 
     def expected_executed_fraction(self) -> float:
         """The expected fraction of block executions per training step (1 - mean drop rate)."""
-        rates = [rule.condition.p for rule in self.rules.values()]  # type: ignore[attr-defined]
+        rates = [rule.condition.p for rule in self.rules.values()]  # type: ignore[attr-defined]  # Probability rules
         return 1.0 - math.fsum(rates) / len(rates) if rates else 1.0

@@ -238,7 +238,7 @@ class GradientMasking(Technique):
     def _record_counts(self, model: nn.Module) -> None:
         for e in self._entries:
             if e.dynamic is not None:  # where masks change with the weights (sharded: counted over all ranks)
-                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]
+                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]  # built in setup
         record_masked(model, {e.name: e.frozen for e in self._entries})
 
     @override
@@ -247,7 +247,7 @@ class GradientMasking(Technique):
             self._entries = self._build(pl_module)
             self._record_counts(pl_module)
         for e in self._entries:  # the strategy has moved the model by now; masks follow their parameter
-            e.mask = e.mask.to(e.param.device)  # type: ignore[union-attr]
+            e.mask = e.mask.to(e.param.device)  # type: ignore[union-attr]  # built in setup
         if world_size() > 1 and not is_sharded(trainer):  # sharded masks were scattered from rank 0
             self._broadcast_static_masks()
         for index, optimizer in enumerate(trainer.optimizers):
@@ -281,7 +281,7 @@ class GradientMasking(Technique):
 
     def _broadcast_static_masks(self) -> None:
         static = [e for e in self._entries if e.dynamic is None]
-        as_bytes = [e.mask.to(torch.uint8) for e in static]  # type: ignore[union-attr]
+        as_bytes = [e.mask.to(torch.uint8) for e in static]  # type: ignore[union-attr]  # built in setup
         broadcast_parameters(as_bytes)  # gloo cannot send bool; rank 0's masks win if ranks built differently
         for e, b in zip(static, as_bytes, strict=True):
             e.mask = b.bool()
@@ -290,7 +290,7 @@ class GradientMasking(Technique):
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]
+            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]  # masks built in setup
 
         return pairs
 
@@ -319,7 +319,7 @@ class GradientMasking(Technique):
         raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         entries = [e for e in self._entries if not e.optimizers or id(raw) in e.optimizers]
         self._refresh(entries)
-        mask_gradients([e.param for e in entries], [e.mask for e in entries])  # type: ignore[misc]
+        mask_gradients([e.param for e in entries], [e.mask for e in entries])  # type: ignore[misc]  # built in setup
         _recheck_scaler(trainer, raw)
         every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
         if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
@@ -331,7 +331,7 @@ class GradientMasking(Technique):
             by_selector.setdefault(e.selector, []).append(e)
         for e in entries:
             if e.dynamic is not None:  # a collective when sharded: every rank logs at the same steps
-                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]
+                e.frozen = count_masked(e.param, e.mask)  # type: ignore[arg-type]  # built in setup
         for selector, group in by_selector.items():
             total = sum(e.param.numel() for e in group)
             frozen = sum(e.frozen for e in group)
@@ -351,7 +351,7 @@ class GradientMasking(Technique):
     def technique_state(self) -> dict[str, Any]:
         # Full masks keyed by name. Sharded masks are gathered: a collective, and Lightning calls this on every
         # rank when it saves a checkpoint (ModelParallelStrategy's save is collective itself).
-        static = {e.name: full_tensor(e.mask).detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[arg-type]
+        static = {e.name: full_tensor(e.mask).detach().cpu() for e in self._entries if e.dynamic is None}  # type: ignore[arg-type]  # built
         return {"masks": static}
 
     @override

@@ -278,7 +278,7 @@ class SelectiveBackprop(Technique):
             with torch.no_grad(), torch.random.fork_rng(rng_devices), model.trainer.precision_plugin.forward_context():
                 if self.score_mode == "eval":
                     model.eval()
-                losses = model.per_sample_loss(batch)  # type: ignore[operator]
+                losses = model.per_sample_loss(batch)  # type: ignore[operator]  # checked in setup
         finally:
             for module, mode in modes.items():
                 module.training = mode

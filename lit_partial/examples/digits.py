@@ -104,7 +104,7 @@ class ResumableDataLoader(DataLoader[Any]):
             "seed": int(sampler.seed),
             "batch_size": int(self.batch_size or 0),
             "num_replicas": int(sampler.num_replicas),
-            "dataset_size": len(sampler.dataset),  # type: ignore[arg-type]
+            "dataset_size": len(sampler.dataset),  # type: ignore[arg-type]  # a map-style dataset
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -234,7 +234,7 @@ class DigitsDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, False
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]  # untyped in Lightning
         return done, done >= trainer.num_training_batches
 
     @override

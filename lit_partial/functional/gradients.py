@@ -99,7 +99,7 @@ def scale_grad(x: Any, scale: float | Tensor) -> Any:
         if scale == 1:
             return x
     # autograd.Function.apply is untyped in torch's stubs
-    return apply_to_tensors(x, lambda t: _ScaleGrad.apply(t, scale) if t.requires_grad else t)  # type: ignore[no-untyped-call]
+    return apply_to_tensors(x, lambda t: _ScaleGrad.apply(t, scale) if t.requires_grad else t)  # type: ignore[no-untyped-call]  # Function.apply
 
 
 def reverse_grad(x: Any, scale: float = 1.0) -> Any:

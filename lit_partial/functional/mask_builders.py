@@ -272,7 +272,7 @@ def as_bool_mask(mask: Any, name: str, param: Tensor) -> Tensor:
         raise MaskError(f"mask of {name} is a {type(mask).__name__}; expected a tensor of 0/1 values.")
     mask = check_binary(mask, f"mask of {name}")
     try:
-        broadcast = torch.broadcast_shapes(mask.shape, param.shape)  # type: ignore[no-untyped-call]
+        broadcast = torch.broadcast_shapes(mask.shape, param.shape)  # type: ignore[no-untyped-call]  # unannotated in torch
     except RuntimeError:
         broadcast = None
     if broadcast != param.shape:

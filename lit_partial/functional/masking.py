@@ -275,12 +275,12 @@ class _Slot:
         if buf is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
             self.buffer, self.stamp = torch.empty_like(param), None
         if not reuse or self.stamp != (version_counter(param), param.data_ptr()):
-            _snapshot_into(param, self.frozen, self.buffer)  # type: ignore[arg-type]
+            _snapshot_into(param, self.frozen, self.buffer)  # type: ignore[arg-type]  # both set above
 
     def put_back(self, param: Tensor) -> None:
         param = local_tensor(param)
         bits = _bits(param)
-        torch.addcmul(_bits(self.buffer), bits, _as_01(self.mask), out=bits)  # type: ignore[arg-type]
+        torch.addcmul(_bits(self.buffer), bits, _as_01(self.mask), out=bits)  # type: ignore[arg-type]  # set by take()
         self.stamp = (version_counter(param), param.data_ptr())
 
 
@@ -388,7 +388,7 @@ def floor_second_moments(optimizer: Optimizer, masks: MaskPairs, floor: float = 
             else:  # new state (first step, load_state_dict, a reset): take the optimizer's own count
                 step = int(state["step"]) if "step" in state else 1
             counters[id(param)] = (moment, step)
-            period = _refresh_period(decay(group), floor)  # type: ignore[arg-type]
+            period = _refresh_period(decay(group), floor)  # type: ignore[arg-type]  # not None: state found
             if (step - 1) % period == 0:
                 _raise_masked(state, keys, param, mask, floor)
 
