@@ -188,3 +188,21 @@ def test_selectors_see_through_compiled_submodules_both_ways() -> None:
     model.backbone = torch.compile(nn.Sequential(nn.Linear(1, 1)), backend="eager")
     assert names(select_parameters(model, "backbone.0")) == ["backbone._orig_mod.0.weight", "backbone._orig_mod.0.bias"]
     assert names(select_modules(model, "backbone._orig_mod.0")) == ["backbone._orig_mod.0"]
+
+
+def test_gc_paused_restores_the_collector_after_errors_and_nesting() -> None:
+    import gc
+
+    from lit_partial.errors import SelectorError
+    from lit_partial.selection import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block does not turn it back on early
+    assert gc.isenabled()
+    with pytest.raises(SelectorError):
+        select_parameters(nn.Linear(2, 2), "nope")
+    assert gc.isenabled()  # select_parameters pauses it too, and restores it on errors

@@ -59,6 +59,7 @@ from typing_extensions import override
 from lit_partial.attach import Handles
 from lit_partial.distributed import DEFAULT_FAMILIES, check_supported_strategy
 from lit_partial.errors import CheckpointMismatchError, ConfigurationError
+from lit_partial.selection import gc_paused
 
 __all__ = ["Technique", "check_checkpoint_techniques"]
 
@@ -143,7 +144,8 @@ class Technique(Callback):
         check_supported_strategy(trainer, type(self).__name__, self.supported_strategies)
         self._unwind(trainer, pl_module)  # a second fit() with the same callback starts clean
         self._model = pl_module
-        self.attach(trainer, pl_module)
+        with gc_paused():  # linear in model size (see gc_paused)
+            self.attach(trainer, pl_module)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -189,7 +191,7 @@ class Technique(Callback):
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]  # type: ignore[attr-defined]
+        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]  # type: ignore[attr-defined]  # untyped in Lightning
         if techniques and techniques[0] is self:  # one check per resume is enough
             check_checkpoint_techniques(checkpoint, techniques)
 
