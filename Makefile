@@ -4,6 +4,8 @@
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 OVERRIDES ?=
+# pytest-xdist workers for `make test` (each test module runs whole on one worker; 0 = no xdist).
+TEST_WORKERS ?= 2
 # The presets `make compare` runs side by side (one Hydra multirun, then comparison.md/.png in the sweep folder).
 COMPARE ?= none,freeze_backbone,freeze_then_unfreeze,gradual_unfreeze,detach_backbone_warmup,sparse_finetune,checkpoint_backbone,selective_backprop
 
@@ -46,7 +48,7 @@ compare: $(STAMP_TRAIN)  ## every preset of COMPARE on the same job, then the ac
 	$(PY) scripts/train.py -m partial=$(COMPARE) $(OVERRIDES)
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope)
 
 lint: $(STAMP_DEV)
 	$(PY) -m ruff check lit_partial scripts tests

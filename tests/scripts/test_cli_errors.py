@@ -1,7 +1,9 @@
 """Every configuration error of the main job: one line on stderr, exit status 2, no traceback, nothing run.
 
-Each case runs the real CLI in a subprocess (with a timeout). A bug in a model, by contrast, keeps its
-traceback and exits with 1.
+Each case runs the real CLI (``scripts/train.py`` as ``__main__``) in a child process with a timeout: forked from
+the test process for the cases that stop at a configuration error (no 10 s of imports per case), a fresh
+interpreter for the rest (a ddp_spawn run, a user's bug, ``HYDRA_FULL_ERROR=1``), which also checks the forked
+runs against a real command line. A bug in a model, by contrast, keeps its traceback and exits with 1.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scripts.cli import CONFIG_ERROR_EXIT
-from tests.scripts.cli_helpers import run_job
+from tests.scripts.cli_helpers import run_job, run_job_forked
 
 QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
 NO_PRETRAIN = ("pretrain.enabled=false",)
@@ -68,7 +70,7 @@ COMPOSITION_CASES = [
 @pytest.mark.parametrize(("override", "pattern"), COMPOSITION_CASES, ids=[c[0] for c in COMPOSITION_CASES])
 def test_configuration_error_is_one_line_with_exit_status_2(tmp_path: Path, override: str, pattern: str) -> None:
     extra = () if override.startswith(("pretrain.", "model=")) else NO_PRETRAIN
-    proc = run_job(override, *extra, *QUIET, run_dir=tmp_path)
+    proc = run_job_forked(override, *extra, *QUIET, run_dir=tmp_path)
     assert_config_error(proc, pattern)
     assert_nothing_trained(tmp_path)
 
@@ -100,7 +102,7 @@ TECHNIQUE_CASES = [
 def test_technique_configuration_errors_stop_before_the_first_step(
     tmp_path: Path, overrides: tuple[str, ...], pattern: str
 ) -> None:
-    proc = run_job(*overrides, *NO_PRETRAIN, *QUIET, "logger=none", "callbacks=none", run_dir=tmp_path)
+    proc = run_job_forked(*overrides, *NO_PRETRAIN, *QUIET, "logger=none", "callbacks=none", run_dir=tmp_path)
     assert_config_error(proc, pattern)
     assert "Epoch 0" not in proc.stdout
 
@@ -109,7 +111,7 @@ def test_technique_configuration_errors_stop_before_the_first_step(
 def test_mask_file_that_is_not_a_mask_is_one_line(tmp_path: Path) -> None:
     text = tmp_path / "mask.txt"
     text.write_text("1 0 1\n")
-    proc = run_job(
+    proc = run_job_forked(
         "partial=embedding_rows",
         f"partial.embedding_rows.masks={{head.1:'{text}'}}",
         *NO_PRETRAIN,

@@ -1,8 +1,9 @@
 """Exact resume of the main job from the command line, after a SIGKILL at any step.
 
-Each test runs the real CLI three ways with the same overrides: uninterrupted; killed (the whole process group,
-SIGKILL) at a step; resumed from the killed run's ``last.ckpt``. Every parameter and buffer at the end of the
-resumed run must equal the uninterrupted run's, bit for bit (CPU, deterministic kernels).
+Each SIGKILL test runs the real CLI three ways with the same overrides, each in a fresh interpreter: uninterrupted;
+killed (the whole process group, SIGKILL) at a step; resumed from the killed run's ``last.ckpt``. Every parameter
+and buffer at the end of the resumed run must equal the uninterrupted run's, bit for bit (CPU, deterministic
+kernels). The other tests run the CLI in children forked from the test process (no 10 s of imports per run).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.scripts.cli_helpers import ROOT, run_job
+from tests.scripts.cli_helpers import ROOT, run_job, run_job_forked
 
 pytestmark = [pytest.mark.slow]
 
@@ -117,7 +118,7 @@ def test_sigkill_then_resume_is_bit_identical(
 @pytest.mark.timeout(600)
 def test_every_checkpoint_the_job_writes_loads_safely_and_resumes(tmp_path: Path, pretrain_cache: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", run_dir=run_dir)
+    proc = run_job_forked(*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert len(ckpts) == 2 and all("=" not in p.name for p in ckpts), ckpts
@@ -125,18 +126,22 @@ def test_every_checkpoint_the_job_writes_loads_safely_and_resumes(tmp_path: Path
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt["hyper_parameters"]["channels"], list)
     best = next(p for p in ckpts if p.name != "last.ckpt")
-    proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", f"ckpt_path={best}", run_dir=tmp_path / "again")
+    proc = run_job_forked(
+        *FAST, f"pretrain.cache_dir={pretrain_cache}", f"ckpt_path={best}", run_dir=tmp_path / "again"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)
 def test_checkpoint_names_with_equals_signs_are_accepted(tmp_path: Path, pretrain_cache: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", run_dir=run_dir)
+    proc = run_job_forked(*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lightning_name = run_dir / "checkpoints" / "epoch=0-step=8.ckpt"  # Lightning's default naming
     (run_dir / "checkpoints" / "last.ckpt").rename(lightning_name)
-    proc = run_job(*FAST, f"pretrain.cache_dir={pretrain_cache}", f"ckpt_path={lightning_name}", run_dir=tmp_path / "b")
+    proc = run_job_forked(
+        *FAST, f"pretrain.cache_dir={pretrain_cache}", f"ckpt_path={lightning_name}", run_dir=tmp_path / "b"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
 
@@ -173,8 +178,8 @@ def test_resuming_with_a_changed_configuration_is_a_one_line_error(
     from tests.scripts.test_cli_errors import assert_config_error
 
     common = (*FAST, f"pretrain.cache_dir={pretrain_cache}", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
-    proc = run_job(*common, *first, run_dir=tmp_path / "first")
+    proc = run_job_forked(*common, *first, run_dir=tmp_path / "first")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    proc = run_job(*common, *changed, f"ckpt_path={ckpt}", "trainer.max_epochs=2", run_dir=tmp_path / "second")
+    proc = run_job_forked(*common, *changed, f"ckpt_path={ckpt}", "trainer.max_epochs=2", run_dir=tmp_path / "second")
     assert_config_error(proc, pattern)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lit_partial.config import check_targets, resolve_target
 from lit_partial.errors import ConfigurationError
-from tests.scripts.cli_helpers import run_job
+from tests.scripts.cli_helpers import run_job_forked
 from tests.scripts.test_cli_errors import assert_config_error
 
 QUIET = ("pretrain.enabled=false", "trainer.enable_progress_bar=false", "logger=none", "callbacks=none")
@@ -87,7 +87,7 @@ def test_hostile_target_is_refused_and_writes_nothing(tmp_path: Path, index: int
     victim.write_text("precious\n")
     override, pattern, written = hostile_cases(tmp_path)[index]
     extra = ("partial=freeze_backbone",) if "freeze_backbone" in override else ()
-    proc = run_job(*override.split(" "), *extra, *QUIET, run_dir=tmp_path / "run")
+    proc = run_job_forked(*override.split(" "), *extra, *QUIET, run_dir=tmp_path / "run")
     assert_config_error(proc, pattern)
     assert victim.read_text() == "precious\n"
     assert not written.exists() or written == victim
