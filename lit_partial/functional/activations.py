@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -78,12 +79,24 @@ def _is_parameter(t: Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(view_base(t), nn.Parameter)
 
 
+_THREAD = threading.local()  # saved_tensors_hooks are per thread, so is the list of active trackers
+
+
+def _active_trackers() -> list[SavedTensorTracker]:
+    active: list[SavedTensorTracker] | None = getattr(_THREAD, "trackers", None)
+    if active is None:
+        active = _THREAD.trackers = []
+    return active
+
+
 class SavedTensorTracker:
     """Context manager recording every tensor autograd saves while it is active; counts the live ones.
 
-    Nesting is fine (the innermost ``saved_tensors_hooks`` sees a tensor). The tracker changes nothing
-    about the computation: backward unpacks the very same tensors. Costs one small object per saved
-    tensor while active, nothing when not used.
+    Trackers nest: a tensor saved while several are active counts in each of them (a callback measuring
+    inside another's measurement sees the same bytes). Other ``saved_tensors_hooks`` entered after a tracker
+    (``torch.utils.checkpoint``, ``save_on_cpu``) handle their tensors themselves, so those do not count.
+    The tracker changes nothing about the computation: backward unpacks the very same tensors. Costs one
+    small object per saved tensor while active, nothing when not used.
 
     Args:
         exclude: Tensors and modules (all their parameters and buffers) whose storages never count;
@@ -109,11 +122,19 @@ class SavedTensorTracker:
         self._holders: weakref.WeakSet[_Saved] = weakref.WeakSet()
         self._hooks: saved_tensors_hooks | None = None
 
+    def _counts(self, t: Tensor) -> bool:
+        return not (self._excluded and storage_key(t)[0] in self._excluded)
+
     def _pack(self, t: Tensor) -> Any:
-        if _is_parameter(t) or (self._excluded and storage_key(t)[0] in self._excluded):
+        # Only the innermost hooks run: this tracker packs for every tracker entered before it, too.
+        if _is_parameter(t):
+            return t
+        trackers = [tracker for tracker in _active_trackers() if tracker._counts(t)]
+        if not trackers:
             return t
         holder = _Saved(t)
-        self._holders.add(holder)
+        for tracker in trackers:
+            tracker._holders.add(holder)
         return holder
 
     def __enter__(self) -> SavedTensorTracker:
@@ -121,11 +142,14 @@ class SavedTensorTracker:
             raise RuntimeError("this SavedTensorTracker is already active; create another one to nest.")
         self._hooks = saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
+        _active_trackers().append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         hooks, self._hooks = self._hooks, None
         if hooks is not None:
+            active = _active_trackers()
+            active[:] = [tracker for tracker in active if tracker is not self]  # callbacks may close out of order
             hooks.__exit__(*exc)
 
     @property

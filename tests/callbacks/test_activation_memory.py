@@ -100,3 +100,11 @@ def test_tbptt_logs_the_largest_chunk_once_per_batch(k: int | None, steps_kept: 
     # then per step kept: the tanh output and the loss's diff
     batch, state, per_step = 2 * 6 * 3 * 4, 2 * 5 * 4, 2 * 5 * 4 + 2 * 4
     assert list(monitor.history) == [batch + state + steps_kept * per_step] * 2  # 2 batches
+
+
+def test_two_monitors_measuring_the_same_steps_see_the_same_bytes() -> None:
+    # The main job's cost report measures with its own tracker inside the monitor's: neither may hide the other.
+    every, second = ActivationMemoryMonitor(), ActivationMemoryMonitor(name="other", every_n_steps=2)
+    quiet_trainer(max_steps=4, callbacks=[every, second], limit_val_batches=0).fit(FFNModule(), ffn_loader())
+    assert list(every.history) == [(2 * N + 1) * UNIT] * 4  # as measured alone (the test above)
+    assert list(second.history) == [(2 * N + 1) * UNIT] * 2

@@ -80,3 +80,31 @@ def test_tracker_cannot_be_entered_twice() -> None:
     with tracker, pytest.raises(RuntimeError, match="already active"), tracker:
         pass
     assert not tracker.active
+
+
+def test_nested_trackers_each_count_what_is_saved_inside_them() -> None:
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    with SavedTensorTracker() as reference:
+        alone = layer(x).relu().sum()
+    expected = reference.live_bytes()  # the input of the Linear and the output of the ReLU: 48 bytes
+    with SavedTensorTracker(exclude=layer) as outer:
+        with SavedTensorTracker(exclude=layer) as inner:
+            out = layer(x).relu().sum()
+        assert inner.live_bytes() == outer.live_bytes() == expected == 48
+        after = layer(torch.randn(2, 3)).relu().sum()  # the inner one has closed: only the outer one counts this
+        assert outer.live_bytes() == 2 * expected and inner.live_bytes() == expected
+    del out, after, alone
+    assert outer.live_bytes() == inner.live_bytes() == 0
+
+
+def test_trackers_closed_out_of_order_keep_counting_correctly() -> None:
+    layer = torch.nn.Linear(3, 3)
+    first, second = SavedTensorTracker(), SavedTensorTracker()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # callbacks may close in any order
+    out = layer(torch.randn(2, 3)).relu().sum()
+    assert (first.live_bytes(), second.live_bytes()) == (0, 48)
+    second.__exit__(None, None, None)
+    del out
