@@ -95,7 +95,7 @@ SETTINGS = [
         "20% of labels flipped",
         {
             **FULL,
-            "outliers keep=0.7 from epoch 2": (BATCH, {"keep": 0.7, "method": "outliers", "start": 2, "unit": "epoch"}),
+            **_outliers(0.7),
             **CONTROL,
         },
         epochs=15,
@@ -107,7 +107,7 @@ SETTINGS = [
         "40% of labels flipped",
         {
             **FULL,
-            "outliers keep=0.5 from epoch 2": (BATCH, {"keep": 0.5, "method": "outliers", "start": 2, "unit": "epoch"}),
+            **_outliers(0.5),
             **CONTROL,
         },
         epochs=15,

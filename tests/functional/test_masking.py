@@ -195,6 +195,14 @@ def _optimizers() -> dict[str, tuple[type, dict]]:
     }
 
 
+def _masked_steps(w: torch.Tensor, opt: torch.optim.Optimizer, keep: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    """One masked optimizer step per gradient in ``grads``."""
+    for g in grads:
+        w.grad = g.clone()
+        mask_gradients([w], [keep])
+        opt.step()
+
+
 @pytest.mark.parametrize("name", list(_optimizers()))
 def test_guard_freezes_masked_elements_for_every_optimizer(name: str) -> None:
     cls, kwargs = _optimizers()[name]
@@ -206,10 +214,7 @@ def test_guard_freezes_masked_elements_for_every_optimizer(name: str) -> None:
         w = torch.nn.Parameter(w0.clone())
         opt = cls([w], **kwargs)
         handle = guard_masked_elements(opt, lambda: [(w, keep)]) if guarded else None
-        for g in grads:
-            w.grad = g.clone()
-            mask_gradients([w], [keep])
-            opt.step()
+        _masked_steps(w, opt, keep, grads)
         if handle is not None:
             handle.remove()
             assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
@@ -291,10 +296,7 @@ def test_floor_changes_only_masked_second_moments(name: str) -> None:
         w = torch.nn.Parameter(w0.clone())
         opt = cls([w], **kwargs)
         handle = floor_second_moments(opt, lambda: [(w, keep)]) if floored else None
-        for g in grads:
-            w.grad = g.clone()
-            mask_gradients([w], [keep])
-            opt.step()
+        _masked_steps(w, opt, keep, grads)
         if handle is not None:
             handle.remove()
             assert not opt._optimizer_step_post_hooks
