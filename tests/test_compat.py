@@ -5,6 +5,9 @@ If one of these fails after an upgrade, update lit_partial/_compat.py (and only 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning
 import pytest
 import torch
@@ -111,3 +114,50 @@ def test_named_tree_equals_named_parameters_with_aliases() -> None:
     expected = list(model.named_parameters(remove_duplicate=False))
     assert [(n, id(p)) for n, p in params] == [(n, id(p)) for n, p in expected], upgrade("Module._parameters")
     assert modules == [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+
+
+def test_lightning_restores_optimizer_states_from_the_dict_callbacks_got_in_on_load_checkpoint(tmp_path: Path) -> None:
+    # LayerFreezing(accept_config_change=True) rewrites checkpoint["optimizer_states"] and ["lr_schedulers"] in
+    # on_fit_start (where its groups are built) in the dict it got in on_load_checkpoint: public hooks, but it relies
+    # on Lightning keeping that dict and restoring optimizer and scheduler states from it after on_fit_start.
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Rewrite(lightning.Callback):
+        checkpoint: dict[str, Any] | None = None
+
+        def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+            self.checkpoint = checkpoint
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            if self.checkpoint is not None:
+                self.checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] = 0.123
+                self.checkpoint["lr_schedulers"][0]["last_epoch"] = 41
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.seen = (
+                trainer.optimizers[0].param_groups[0]["lr"],
+                trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            )
+
+    def fit(epochs: int, ckpt: object = None) -> tuple[lightning.Trainer, Rewrite]:
+        probe = Rewrite()
+        trainer = lightning.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            callbacks=[probe],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        trainer.fit(BoringModel(), ckpt_path=ckpt)
+        return trainer, probe
+
+    trainer, _ = fit(1)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    _, probe = fit(2, tmp_path / "a.ckpt")
+    assert probe.seen == (0.123, 41), upgrade(
+        "the checkpoint dict of Callback.on_load_checkpoint, restored after on_fit_start"
+    )

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import numbers
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from lit_partial.selection import as_selector_list
 __all__ = [
     "ScheduleEntry",
     "gradual_unfreezing_schedule",
+    "group_names",
     "parse_schedule",
     "plan_phase_groups",
     "progressive_freezing_schedule",
@@ -77,8 +79,32 @@ class ScheduleEntry:
 
     @property
     def group_name(self) -> str:
-        """The name of the parameter group planned for what this entry unfreezes."""
+        """The base name of the parameter group of what this entry unfreezes (see :func:`group_names`)."""
         return f"unfreeze@{self.kind}{self.point}"
+
+
+def group_names(entries: Sequence[ScheduleEntry]) -> list[str | None]:
+    """The parameter-group name of each entry that unfreezes something (None for the others), all distinct.
+
+    An entry's group is ``unfreeze@<kind><point>`` (``unfreeze@epoch1``, ``unfreeze@step500``, ``unfreeze@when2``);
+    entries sharing a point add their selectors (``unfreeze@epoch1[a]``, ``unfreeze@epoch1[b,c]``), and entries that
+    also share their selectors their schedule index (``unfreeze@epoch1[a]#3``). Names depend on the schedule alone,
+    so a resumed run (same schedule) finds the same names; LearningRateMonitor logs ``lr-<Optimizer>/<name>``.
+
+    Example:
+        >>> entries = parse_schedule([{"epoch": 1, "unfreeze": "a"}, {"epoch": 1, "unfreeze": ["b", "c"]},
+        ...                           {"epoch": 2, "unfreeze": "d"}, {"epoch": 3, "freeze": "d"}])
+        >>> group_names(entries)
+        ['unfreeze@epoch1[a]', 'unfreeze@epoch1[b,c]', 'unfreeze@epoch2', None]
+    """
+    base = [entry.group_name if entry.unfreeze else None for entry in entries]
+    shared = Counter(name for name in base if name is not None)
+    names = [
+        name if name is None or shared[name] == 1 else f"{name}[{','.join(entry.unfreeze)}]"
+        for entry, name in zip(entries, base, strict=True)
+    ]
+    still = Counter(name for name in names if name is not None)
+    return [name if name is None or still[name] == 1 else f"{name}#{i}" for i, name in enumerate(names)]
 
 
 def _describe_condition(cond: Condition) -> str:

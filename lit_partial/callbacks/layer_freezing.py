@@ -38,9 +38,16 @@ from lit_partial.attach import Handle
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
     gradual_unfreezing_schedule,
+    group_names,
     parse_schedule,
     plan_phase_groups,
     progressive_freezing_schedule,
+)
+from lit_partial.callbacks._group_state import (
+    Layout,
+    carry_over,
+    optimizer_layout,
+    remap_scheduler_state,
 )
 from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
@@ -90,6 +97,17 @@ def _extend_scheduler(scheduler: Any, index: int, scale: float) -> None:
         values = getattr(scheduler, name, None)
         if isinstance(values, list):
             values.append(values[index])
+
+
+def _split_name(group: dict[str, Any], index: int, several: bool, phase: str) -> str:
+    """The name of the group split from optimizer group ``index`` for schedule group ``phase``: unique and stable.
+
+    ``<group name>/<phase>`` for a named group; for unnamed ones ``pg<index + 1>/<phase>`` (LearningRateMonitor's
+    label of the group it came from) when the optimizer has several groups, else ``<phase>``.
+    """
+    if "name" in group:
+        return f"{group['name']}/{phase}"
+    return f"pg{index + 1}/{phase}" if several else phase
 
 
 def _entry_config(entry: ScheduleEntry) -> dict[str, Any]:
@@ -163,6 +181,8 @@ class LayerFreezing(Technique):
         self.metric_recorder = self._new_recorder()
         self._applied_eval: list[int | None] = [None] * len(self.schedule)  # evaluations recorded when applied
         self._when_checked: int | None = None  # the epoch whose start checked the `when` entries
+        # accept_config_change: the checkpoint being resumed and its optimizers' group layouts (see _remap_groups)
+        self._changed_from: tuple[dict[str, Any], list[Layout | None]] | None = None
 
     def _new_recorder(self) -> MetricRecorder:
         names = (name for entry in self.schedule if entry.when is not None for name in entry.when.metrics)
@@ -339,6 +359,7 @@ class LayerFreezing(Technique):
             broadcast_parameters([p for n, p in pl_module.named_parameters() if n in ignored])
         self._warn_on_unoptimized(trainer, pl_module)
         self._scale_unplanned_groups(trainer, pl_module)
+        self._remap_groups(trainer, pl_module)
 
     def _warn_on_unoptimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
@@ -357,9 +378,12 @@ class LayerFreezing(Technique):
         LightningCLI's ``optimizer:`` and hand-written ``configure_optimizers`` put all parameters in groups of
         their own; the parameters of a scaled entry are moved from each group into a new group with the same
         options and ``lr * lr_scale`` (``initial_lr`` too), and the group's LR schedulers are extended to match.
-        This runs in ``on_fit_start``, before Lightning restores optimizer and scheduler states, so a resumed run
-        finds the same groups. Schedulers LayerFreezing cannot extend (any not in ``_SPLITTABLE_SCHEDULERS``) keep
-        the groups as they are, with a warning naming the fix.
+        The new group is named after the schedule group, ``unfreeze@epoch1``, prefixed by the group it came from
+        where the optimizer has several (``pg2/unfreeze@epoch1``, ``decay/unfreeze@epoch1`` for a group named
+        ``decay``), so LearningRateMonitor sees distinct names. This runs in ``on_fit_start``, before Lightning
+        restores optimizer and scheduler states, so a resumed run finds the same groups. Schedulers LayerFreezing
+        cannot extend (any not in ``_SPLITTABLE_SCHEDULERS``) keep the groups as they are, with a warning naming
+        the fix.
         """
         if all(entry.lr_scale == 1.0 for entry in self.schedule) or not trainer.optimizers:
             return
@@ -381,6 +405,7 @@ class LayerFreezing(Technique):
                     "the optimizer from `self.partial_param_groups(lr=...)` in configure_optimizers."
                 )
                 continue
+            several = len(optimizer.param_groups) > 1
             for index, group in enumerate(list(optimizer.param_groups)):
                 moved: dict[tuple[str, float], list[nn.Parameter]] = {}
                 kept = []
@@ -392,7 +417,7 @@ class LayerFreezing(Technique):
                 group["params"] = kept
                 for (phase, scale), params in moved.items():
                     new = {key: value for key, value in group.items() if key != "params"}
-                    new["name"] = f"{group['name']}/{phase}" if "name" in group else phase
+                    new["name"] = _split_name(group, index, several, phase)
                     for key in ("lr", "initial_lr"):
                         if key in new:
                             new[key] = group[key] * scale
@@ -524,7 +549,9 @@ class LayerFreezing(Technique):
         """One parameter group per schedule phase, all present from the start, each named (``"name"`` key).
 
         ``"trainable"`` holds what trains from the start, ``"unfreeze@epoch2"`` what that entry unfreezes
-        (learning rate ``lr * lr_scale``), ``"frozen"`` what the schedule never unfreezes. What is frozen at the
+        (learning rate ``lr * lr_scale``; entries sharing a point are told apart by their selectors,
+        ``"unfreeze@epoch2[backbone.3]"``, see :func:`~lit_partial.callbacks._freezing_schedule.group_names`),
+        ``"frozen"`` what the schedule never unfreezes. What is frozen at the
         start is what ``frozen`` selects plus whatever else does not require gradients when the groups are
         planned (e.g. a PEFT model's frozen base weights), so a schedule entry unfreezing those keeps its
         ``lr_scale``. Every parameter of ``model`` is in exactly one group.
@@ -535,9 +562,9 @@ class LayerFreezing(Technique):
         initially_frozen = {n for n, _ in self._params(model, self.frozen)} if self.frozen else set()
         initially_frozen |= {n for n, p in model.named_parameters() if not p.requires_grad}
         phases = [("trainable", [n for n, _ in model.named_parameters() if n not in initially_frozen], 1.0)]
-        for entry in self.schedule:
-            if entry.unfreeze:
-                phases.append((entry.group_name, [n for n, _ in self._params(model, entry.unfreeze)], entry.lr_scale))
+        for entry, name in zip(self.schedule, group_names(self.schedule), strict=True):
+            if name is not None:
+                phases.append((name, [n for n, _ in self._params(model, entry.unfreeze)], entry.lr_scale))
         return plan_phase_groups(model, phases, defaults)
 
     # ------------------------------------------------------------------ resume
@@ -553,7 +580,17 @@ class LayerFreezing(Technique):
             "events": list(self._events),
             "applied_eval": list(self._applied_eval),
             "metrics": self.metric_recorder.state(),
+            "optimizer_layouts": self._optimizer_layouts(model),
         }
+
+    @staticmethod
+    def _optimizer_layouts(model: nn.Module | None) -> list[Layout]:
+        """Each optimizer's groups by name and parameter names: what a changed configuration remaps from."""
+        trainer = attached_trainer(model) if model is not None else None
+        if trainer is None or not trainer.optimizers:
+            return []
+        names = {id(p): n for n, p in model.named_parameters()}  # type: ignore[union-attr]  # not None: trainer
+        return [optimizer_layout(optimizer, names) for optimizer in trainer.optimizers]
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
@@ -584,6 +621,75 @@ class LayerFreezing(Technique):
         self._events = list(state.get("events", []))
         self._applied_eval = list(state.get("applied_eval", [None] * len(self.schedule)))
         self.metric_recorder.load(state.get("metrics"))
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._changed_from = None
+        states = checkpoint.get("callbacks") or {}
+        if not self.accept_config_change or self.state_key in states:
+            return
+        # Our configuration changed (our state is not there under our key), and we accept it: the groups this run
+        # builds may differ from the checkpoint's. Lightning restores the optimizer states from this very dict
+        # after on_fit_start, where the groups are built: _remap_groups rewrites them there.
+        saved = [
+            state
+            for state in states.values()
+            if isinstance(state, dict)
+            and "optimizer_layouts" in state
+            and state.get("lit_partial", {}).get("technique") == type(self).__qualname__
+        ]
+        self._changed_from = (checkpoint, saved[0]["optimizer_layouts"] if saved else [])
+        if trainer.strategy.restore_checkpoint_after_setup:  # the optimizers exist already (on_fit_start has run)
+            self._remap_groups(trainer, pl_module)
+
+    def _remap_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rewrite the resumed checkpoint's optimizer and scheduler states into this run's group layout.
+
+        Only after a configuration change accepted with ``accept_config_change=True``. Per-parameter state follows
+        the parameter by name, groups in both layouts keep their hyperparameters at the new configured rate, new
+        groups start as built (see :mod:`lit_partial.callbacks._group_state`). A checkpoint without a record of its
+        groups (made before LayerFreezing recorded them) whose layout differs cannot be mapped: its optimizer state
+        is dropped, with a warning.
+        """
+        if self._changed_from is None or not trainer.optimizers:
+            return
+        checkpoint, layouts = self._changed_from
+        self._changed_from = None
+        states, schedulers = checkpoint.get("optimizer_states"), checkpoint.get("lr_schedulers")
+        if not trainer.strategy.lightning_restore_optimizer or not isinstance(states, list):
+            return  # the strategy loads optimizer states itself, before callbacks see the checkpoint (FSDP2)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        for k, (optimizer, saved) in enumerate(zip(trainer.optimizers, states, strict=False)):
+            layout = optimizer_layout(optimizer, names)
+            old = layouts[k] if k < len(layouts) else None
+            if old == layout:
+                continue
+            carried, how = carry_over(saved, old, optimizer.state_dict(), layout)
+            if carried is None:
+                continue  # the same group sizes and no record: Lightning loads it as it did before groups were recorded
+            states[k] = carried
+            if how == "dropped":
+                rank_zero_warn(
+                    f"LayerFreezing (accept_config_change=True): the checkpoint's optimizer {k} has another group "
+                    f"layout ({[len(g['params']) for g in saved['param_groups']]} parameters per group, now "
+                    f"{[len(g['params']) for g in layout]}) and does not record which parameters its groups held "
+                    "(it predates that record), so its optimizer state is dropped: the optimizer starts fresh."
+                )
+            lrs = [group["lr"] for group in states[k]["param_groups"]]
+            for j, config in enumerate(trainer.lr_scheduler_configs):
+                if config.scheduler.optimizer is optimizer and isinstance(schedulers, list) and j < len(schedulers):
+                    schedulers[j] = remap_scheduler_state(
+                        schedulers[j], config.scheduler.state_dict(), lrs, len(saved["param_groups"])
+                    )
+            if k < len(layouts):
+                layouts[k] = layout  # remapped: another LayerFreezing of this run finds nothing left to do
+            if how == "kept":
+                rank_zero_info(
+                    f"LayerFreezing (accept_config_change=True): optimizer {k}'s groups changed from "
+                    f"{[g.get('name') for g in saved['param_groups']]} to {[g['name'] for g in layout]}; each "
+                    "parameter keeps its optimizer state, groups in both keep their hyperparameters."
+                )
 
     @staticmethod
     def _load_sharded_optimizer_state(model: nn.Module) -> None:
