@@ -291,7 +291,7 @@ class AllOf(Condition):
         return all(c(ctx, x, salt=salt) for c in self.conditions)
 
     @property
-    def needs_activation(self) -> bool:  # type: ignore[override]  # noqa: D102
+    def needs_activation(self) -> bool:  # type: ignore[override]  # a property over the base's class attribute  # noqa: D102
         return any(c.needs_activation for c in self.conditions)
 
     @property

@@ -79,10 +79,14 @@ class ConditionalSkip(DynamicGraphCallback):
             module skipped before any call like it ran whose structure no convention gives (see above).
 
     Example:
-        >>> import torch
-        >>> from lit_partial.examples import ResidualFFN
-        >>> skip = ConditionalSkip({"blocks.*": {"probability": 0.2}})  # each block skipped 20% of steps
-        >>> trainer = L.Trainer(callbacks=[skip], max_steps=10)  # doctest: +SKIP
+        >>> import lightning as L
+        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> skip = ConditionalSkip({"backbone.res.*": {"probability": 0.5}})  # each block skipped half the steps
+        >>> trainer = L.Trainer(callbacks=[skip], max_steps=8, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(DigitsClassifier(channels=[8], residual_blocks=2), DigitsDataModule(batch_size=16))
+        >>> skip.totals  # skipped, decided: 8 steps x 2 blocks, each skipped with probability 0.5
+        {'backbone.res.*': [11.0, 16.0]}
     """
 
     log_prefix = "conditional_skip"
