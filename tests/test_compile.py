@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import fx
 
-from lit_partial import StochasticDepth
+from lit_partial import LayerFreezing, StochasticDepth
 from lit_partial.attach import register_gate
-from tests._compile import BACKEND, SCENARIOS, dynamo_counts, run
+from tests._compile import BACKEND, SCENARIOS, dynamo_counts, prepare, run
 from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 
@@ -158,3 +159,60 @@ def test_selectors_see_through_a_submodule_compiled_in_place() -> None:
         "blocks.0.fc1.weight",
         "blocks.0.fc1.bias",
     ]
+
+
+class _Snapshots(L.Callback):
+    """Every parameter before each training step and after the last: ``snaps[k]`` is what step ``k`` started from."""
+
+    def __init__(self) -> None:
+        self.snaps: list[dict[str, torch.Tensor]] = []
+
+    def _take(self, pl_module: L.LightningModule) -> None:
+        self.snaps.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._take(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take(pl_module)
+
+
+def _toggled_run(how: str | None) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    # The stem is frozen, released at step 3 and frozen again at step 6; blocks.0 the other way round. Step 6 goes
+    # back to the requires_grad pattern of step 0: what pytorch/pytorch#139476 is about (Dynamo re-using a frame
+    # compiled for another pattern would compute gradients for frozen parameters, or none for released ones).
+    schedule = [
+        {"step": 3, "unfreeze": "stem", "freeze": "blocks.0"},
+        {"step": 6, "unfreeze": "blocks.0", "freeze": "stem"},
+    ]
+    torch.manual_seed(0)
+    model = TinyNet()
+    fitted = prepare(model, how)
+    snapshots = _Snapshots()
+    with dynamo_counts() as counts:
+        quiet_trainer(max_steps=9, callbacks=[LayerFreezing(frozen="stem", schedule=schedule), snapshots]).fit(
+            fitted, tiny_loader(n=80)
+        )
+    return snapshots.snaps, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["model.compile()", "torch.compile(model)"])
+def test_freezing_releasing_and_refreezing_under_compile_equals_eager_bit_for_bit_in_two_graphs(how: str) -> None:
+    eager, _ = _toggled_run(None)
+    compiled, counts = _toggled_run(how)
+    assert len(compiled) == len(eager) == 10  # before steps 0..8, and after the last
+    # Bit-identical, not merely close: the aot_eager backend runs the ATen kernels eager runs, in the same order
+    # (inductor would fuse them and reorder floating-point sums, so there only allclose could hold).
+    for step, (c, e) in enumerate(zip(compiled, eager, strict=True)):
+        try:
+            assert_states_bitwise_equal(c, e)
+        except AssertionError as err:
+            raise AssertionError(f"before step {step}: {err}") from None
+    for name, frozen in (("stem.weight", [(0, 3), (6, 9)]), ("blocks.0.fc1.weight", [(3, 6)])):
+        for start, end in frozen:  # frozen from the start of step `start` to the start of step `end`: unchanged
+            assert all(torch.equal(compiled[start][name], compiled[k][name]) for k in range(start, end + 1)), name
+        trained = {0, 1, 2, 3, 4, 5, 6, 7, 8} - {k for start, end in frozen for k in range(start, end)}
+        assert all(not torch.equal(compiled[k][name], compiled[k + 1][name]) for k in trained), name
+    # One graph per requires_grad pattern: step 6 goes back to step 0's pattern and re-uses its graph, correctly.
+    assert (counts.graphs, counts.breaks) == (2, 0), counts.reasons
