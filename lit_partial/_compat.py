@@ -28,6 +28,7 @@ __all__ = [
     "ddp_kwargs",
     "foreach_mul_",
     "is_running_stats_norm",
+    "module_class_names",
     "named_tree",
     "non_finite_check_and_unscale_",
     "scaler_found_inf_per_device",
@@ -59,6 +60,22 @@ def named_tree(model: nn.Module) -> tuple[list[str], list[tuple[str, nn.Paramete
             if p is not None:
                 params.append((prefix + key, p))
     return modules, params
+
+
+def module_class_names(cls: type) -> tuple[str, ...]:
+    """The class names a module of class ``cls`` answers to: its own, and under FSDP2 the one it had before.
+
+    ``fully_shard`` swaps a module's class for a new ``FSDP<Name>`` with bases ``(FSDPModule, <the class>)``
+    (``torch.distributed.fsdp``'s convention, undocumented), so ``class:LlamaDecoderLayer`` still finds the layers
+    that techniques resolve again after sharding.
+    """
+    if not cls.__name__.startswith("FSDP") or not torch.distributed.is_available():
+        return (cls.__name__,)
+    from torch.distributed.fsdp import FSDPModule
+
+    if not issubclass(cls, FSDPModule):
+        return (cls.__name__,)
+    return (cls.__name__, *(base.__name__ for base in cls.__bases__ if base is not FSDPModule))
 
 
 def version_counter(t: Tensor) -> int:

@@ -5,11 +5,17 @@ A selector is one of
 * an exact name from ``named_modules()`` / ``named_parameters()``: ``"backbone.0"``, ``"head.weight"``;
 * a glob: ``*`` matches within one dotted component, ``**`` across components, ``?`` one character and
   ``[0-3]`` a character class, so ``"blocks.*"`` names the blocks themselves, not their children;
-* a regular expression written ``"re:<pattern>"``, matched against the whole name.
+* a regular expression written ``"re:<pattern>"``, matched against the whole name;
+* a module class: ``"class:LlamaDecoderLayer"`` selects the modules whose class is called that (the name
+  ``print(model)`` shows; subclasses with other names are not selected), ``"class:torch.nn.BatchNorm2d"`` (a
+  dotted path) every instance of that class, subclasses included (``isinstance``, as composer's module surgery
+  matches types). A path is looked up among the modules Python has imported already, never imported by a
+  selector: a class the model uses is always there. Under FSDP2 a sharded module still answers to its class name.
 
-Selecting a module selects everything under it. A parameter shared by several modules (tied weights) is
-selected by any of its names. Names see through wrappers that insert a component into every path
-(``torch.compile`` of a submodule adds ``_orig_mod``; FSDP1 and checkpoint wrappers add theirs):
+Selecting a module selects everything under it; a class selector selects modules (and so their parameters).
+A parameter shared by several modules (tied weights) is selected by any of its names. Names see through
+wrappers that insert a component into every path (``torch.compile`` of a submodule adds ``_orig_mod``; FSDP1
+and checkpoint wrappers add theirs):
 ``"backbone.0"`` also selects ``backbone._orig_mod.0``, and the other way round. Every function returns
 matches in model order, without duplicates, in time linear in the model's size, and raises
 :class:`SelectorError` naming the closest existing names when a selector matches nothing.
@@ -21,6 +27,8 @@ Example:
     ['0', '2']
     >>> [name for name, _ in select_parameters(model, ["2", "0.bias"])]
     ['0.bias', '2.weight', '2.bias']
+    >>> [name for name, _ in select_modules(model, ["class:torch.nn.ReLU", "class:Linear"])]
+    ['0', '1', '2']
 """
 
 from __future__ import annotations
@@ -31,14 +39,16 @@ import fnmatch
 import functools
 import gc
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import Tensor, nn
 
-from lit_partial._compat import named_tree
+from lit_partial._compat import module_class_names, named_tree
 from lit_partial.errors import SelectorError
 
 __all__ = [
+    "CLASS_PREFIX",
     "SelectorError",
     "Selectors",
     "as_selector_list",
@@ -57,7 +67,12 @@ __all__ = [
 Selectors = str | Sequence[str]
 """One selector or a sequence of them."""
 
-_FORMS = "an exact name, a glob ('blocks.*' within one level, 'encoder.**' across levels) or 're:<pattern>'"
+_FORMS = (
+    "an exact name, a glob ('blocks.*' within one level, 'encoder.**' across levels), 're:<pattern>' or a module "
+    "class ('class:LlamaDecoderLayer', 'class:torch.nn.BatchNorm2d')"
+)
+CLASS_PREFIX = "class:"
+_CLASS_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def as_selector_list(selectors: Selectors, *, argument: str = "selectors") -> list[str]:
@@ -78,8 +93,45 @@ def as_selector_list(selectors: Selectors, *, argument: str = "selectors") -> li
     for item in items:
         if not isinstance(item, str) or not item.strip():
             raise SelectorError(f"`{argument}` holds {item!r}; every selector must be {_FORMS}.")
-        _compile(item)
+        if item.startswith(CLASS_PREFIX):
+            _check_class_form(item, argument)
+        else:
+            _compile(item)
     return items
+
+
+def _check_class_form(selector: str, argument: str) -> None:
+    if not _CLASS_FORM.fullmatch(selector[len(CLASS_PREFIX) :]):
+        raise SelectorError(
+            f"`{argument}` holds {selector!r}; a class selector is 'class:' and a class name or dotted path, e.g. "
+            "'class:LlamaDecoderLayer' or 'class:torch.nn.BatchNorm2d'."
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_class(path: str) -> type | None:
+    """The class a dotted path names, looked up in modules already imported (None if none has it)."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        found: object = sys.modules.get(".".join(parts[:split]))
+        for attr in parts[split:]:
+            found = getattr(found, attr, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
+def _class_test(selector: str) -> Callable[[type], bool]:
+    """What a ``class:`` selector asks of a module's class (raises if a dotted path names no module class)."""
+    spec = selector[len(CLASS_PREFIX) :]
+    if "." not in spec:
+        return lambda cls: spec in module_class_names(cls)
+    target = _resolve_class(spec)
+    if target is None:
+        return lambda cls: False  # no imported module defines it, so no module of the model is one
+    if not issubclass(target, nn.Module):
+        raise SelectorError(f"selector {selector!r} names {target!r}, which is not a torch.nn.Module class.")
+    return lambda cls: issubclass(cls, target)
 
 
 def _is_sequence(value: object) -> bool:
@@ -108,7 +160,14 @@ def match_names(names: Sequence[str], selector: str) -> list[str]:
     Example:
         >>> match_names(["a", "a.0", "a.1", "b"], "a.*")
         ['a.0', 'a.1']
+
+    Raises:
+        SelectorError: For a ``class:`` selector: names alone have no class (use :func:`select_modules`).
     """
+    if selector.startswith(CLASS_PREFIX):
+        raise SelectorError(
+            f"selector {selector!r} needs the modules, not their names: use select_modules(model, ...)."
+        )
     return _Names(names).match(selector)
 
 
@@ -123,12 +182,27 @@ class _Names:
     callbacks pass around after resolving once): linear in model size either way.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], classes: Sequence[type] | None = None) -> None:
         self.names = names
         self.keys = [_unwrapped(name) for name in names]  # what selectors are matched against
+        self.classes = classes  # the class of each named module; None: parameter names, which class: never matches
         self._exact: dict[str, list[str]] | None = None
 
     def match(self, selector: str) -> list[str]:
+        if selector.startswith(CLASS_PREFIX):
+            if self.classes is None:
+                return []
+            test = _class_test(selector)
+            verdicts: dict[type, bool] = {}  # one test per distinct class: a model has few
+            _count(len(self.names))
+            hits = []
+            for name, cls in zip(self.names, self.classes, strict=True):
+                verdict = verdicts.get(cls)
+                if verdict is None:
+                    verdict = verdicts[cls] = test(cls)
+                if verdict:
+                    hits.append(name)
+            return hits
         if _is_exact(selector):
             if self._exact is None:
                 self._exact = {}
@@ -197,7 +271,29 @@ def count_match_operations() -> Iterator[list[int]]:
         box[0] = _MatchCounter.operations - start
 
 
+def _no_class_match(selector: str, model: nn.Module) -> SelectorError:
+    spec = selector[len(CLASS_PREFIX) :]
+    classes = {type(m) for m in model.modules()}
+    if "." in spec:
+        present = sorted({f"{c.__module__}.{c.__qualname__}" for c in classes})
+        last = spec.rpartition(".")[2]
+        close = [p for p in present if p.rpartition(".")[2] == last] or difflib.get_close_matches(spec, present, 3)
+        why = "" if _resolve_class(spec) is not None else f" (no imported module defines {spec!r})"
+    else:
+        present = sorted({name for c in classes for name in module_class_names(c)})
+        close = difflib.get_close_matches(spec, present, n=3, cutoff=0.6)
+        why = ""
+    forms = [CLASS_PREFIX + name for name in close or present]
+    hint = f"did you mean {', '.join(repr(c) for c in forms)}?" if close else f"its classes are {preview(forms, 8)}."
+    return SelectorError(
+        f"selector {selector!r} matched no module of {type(model).__name__}{why}; {hint} 'class:Name' matches a "
+        "module's class name, 'class:package.module.Name' instances of that class (subclasses too)."
+    )
+
+
 def _no_match(selector: str, names: Sequence[str], model: nn.Module, kind: str) -> SelectorError:
+    if selector.startswith(CLASS_PREFIX):
+        return _no_class_match(selector, model)
     stripped = selector[3:] if selector.startswith("re:") else selector
     close = difflib.get_close_matches(stripped, names, n=3, cutoff=0.4)
     if not close:  # fall back to names sharing the first component, then to the top-level names
@@ -224,7 +320,7 @@ def select_modules(model: nn.Module, selectors: Selectors) -> list[tuple[str, nn
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     names = [name for name, _ in named]
-    index = _Names(names)
+    index = _Names(names, [type(module) for _, module in named])
     chosen: set[str] = set()
     for selector in as_selector_list(selectors):
         hits = index.match(selector)
@@ -250,7 +346,7 @@ def select_submodules(
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     if missing_ok:
-        index = _Names([name for name, _ in named])
+        index = _Names([name for name, _ in named], [type(module) for _, module in named])
         chosen = {hit for selector in as_selector_list(selectors) for hit in index.match(selector)}
     else:
         chosen = {name for name, _ in select_modules(model, selectors)}
@@ -311,10 +407,14 @@ def select_parameters(model: nn.Module, selectors: Selectors) -> list[tuple[str,
     for name, p in aliases:
         canonical.setdefault(id(p), (name, p))
     by_name = dict(aliases)
-    param_index, module_index = _Names([name for name, _ in aliases]), _Names(module_names)
+    selectors = as_selector_list(selectors)
+    classes = None
+    if any(selector.startswith(CLASS_PREFIX) for selector in selectors):  # one more walk, in named_tree's order
+        classes = [type(m) for name, m in model.named_modules(remove_duplicate=False) if name]
+    param_index, module_index = _Names([name for name, _ in aliases]), _Names(module_names, classes)
     matched = [
         (selector, {id(by_name[name]) for name in param_index.match(selector)}, module_index.match(selector))
-        for selector in as_selector_list(selectors)
+        for selector in selectors
     ]
     # A module selects every parameter under it: one pass over the parameters for all selectors together
     # (a pass per selector was quadratic for long lists of exact names, e.g. the bottom half of 100 layers).

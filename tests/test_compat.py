@@ -161,3 +161,27 @@ def test_lightning_restores_optimizer_states_from_the_dict_callbacks_got_in_on_l
     assert probe.seen == (0.123, 41), upgrade(
         "the checkpoint dict of Callback.on_load_checkpoint, restored after on_fit_start"
     )
+
+
+def test_fully_shard_swaps_a_module_class_for_an_fsdp_subclass_that_keeps_the_name() -> None:
+    import subprocess
+    import sys
+
+    from torch.distributed.fsdp import FSDPModule
+
+    script = (
+        "import os, torch, torch.distributed as dist\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29531')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "layer = torch.nn.Linear(2, 2)\n"
+        "fully_shard(layer, mesh=init_device_mesh('cpu', (1,)))\n"
+        "print(type(layer).__name__, [base.__qualname__ for base in type(layer).__bases__])\n"
+        "dist.destroy_process_group()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "FSDPLinear ['FSDPModule', 'Linear']", upgrade(f"fully_shard's class: {done.stderr}")
+    sharded = type("FSDPLinear", (FSDPModule, nn.Linear), {})  # what fully_shard makes, as the run above shows
+    assert _compat.module_class_names(sharded) == ("FSDPLinear", "Linear")
+    assert _compat.module_class_names(nn.Linear) == ("Linear",)

@@ -206,3 +206,106 @@ def test_gc_paused_restores_the_collector_after_errors_and_nesting() -> None:
     with pytest.raises(SelectorError):
         select_parameters(nn.Linear(2, 2), "nope")
     assert gc.isenabled()  # select_parameters pauses it too, and restores it on errors
+
+
+# ------------------------------------------------------------------------------------------------ class selectors
+class Scaled(nn.Linear):
+    """A subclass of Linear with a name of its own."""
+
+
+def class_model() -> nn.Module:
+    model = nn.Module()
+    model.stem = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.ReLU())
+    model.blocks = nn.ModuleList(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)) for _ in range(2))
+    model.proj = Scaled(2, 2)
+    model.sync = nn.SyncBatchNorm(2)
+    model.head = nn.Linear(2, 1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("class:Linear", ["blocks.0.0", "blocks.1.0", "head"]),  # a class name: that class only, not Scaled
+        ("class:Scaled", ["proj"]),
+        ("class:torch.nn.Linear", ["blocks.0.0", "blocks.1.0", "proj", "head"]),  # a path: isinstance
+        ("class:torch.nn.modules.linear.Linear", ["blocks.0.0", "blocks.1.0", "proj", "head"]),  # where it lives
+        ("class:torch.nn.BatchNorm2d", ["stem.1"]),
+        ("class:torch.nn.modules.batchnorm._BatchNorm", ["stem.1", "blocks.0.1", "blocks.1.1", "sync"]),
+        ("class:Sequential", ["stem", "blocks.0", "blocks.1"]),
+        ("class:ModuleList", ["blocks"]),
+        (["class:BatchNorm1d", "head", "stem.*"], ["stem.0", "stem.1", "stem.2", "blocks.0.1", "blocks.1.1", "head"]),
+        (["class:ReLU", "stem"], ["stem", "stem.2"]),
+    ],
+)
+def test_class_selectors_select_modules_by_name_exactly_and_by_path_with_subclasses(
+    selector: str | list[str], expected: list[str]
+) -> None:
+    assert names(select_modules(class_model(), selector)) == expected
+
+
+def test_class_selectors_select_the_parameters_of_their_modules_and_combine_with_parameter_names() -> None:
+    got = select_parameters(class_model(), ["class:BatchNorm1d", "proj.bias", "class:Conv2d"])
+    assert names(got) == [
+        "stem.0.weight",
+        "stem.0.bias",
+        "blocks.0.1.weight",
+        "blocks.0.1.bias",
+        "blocks.1.1.weight",
+        "blocks.1.1.bias",
+        "proj.bias",
+    ]
+
+
+def test_class_selectors_see_modules_under_a_compiled_submodule() -> None:
+    model = class_model()
+    model.blocks = torch.compile(model.blocks, backend="eager")
+    assert names(select_modules(model, "class:BatchNorm1d")) == ["blocks._orig_mod.0.1", "blocks._orig_mod.1.1"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "match"),
+    [
+        ("class:Linaer", r"'class:Linaer' matched no module of Module; did you mean 'class:Linear'"),
+        ("class:BatchNorm3d", r"did you mean 'class:BatchNorm2d', 'class:BatchNorm1d', 'class:SyncBatchNorm'\?"),
+        ("class:torch.nn.Conv3d", r"Module; did you mean 'class:torch.nn.modules.conv.Conv2d'\?"),  # not in the model
+        ("class:Embedding", r"matched no module of Module; its classes are \['class:BatchNorm1d', "),  # nothing close
+        ("class:torch.nn.Scaled", r"did you mean 'class:tests.test_selection.Scaled'"),  # the same last name
+        ("class:not_imported_pkg.Layer", r"no imported module defines 'not_imported_pkg.Layer'"),
+        ("class:torch.Tensor", r"names <class 'torch.Tensor'>, which is not a torch.nn.Module class"),
+    ],
+)
+def test_unknown_classes_fail_naming_close_classes_of_the_model(selector: str, match: str) -> None:
+    with pytest.raises(SelectorError, match=match):
+        select_modules(class_model(), selector)
+
+
+@pytest.mark.parametrize("selector", ["class:", "class:1Linear", "class:torch..nn", "class:Linear*"])
+def test_malformed_class_selectors_fail_when_validated(selector: str) -> None:
+    with pytest.raises(SelectorError, match="a class selector is 'class:' and a class name or dotted path"):
+        as_selector_list(selector)
+
+
+def test_a_class_path_is_never_imported_by_a_selector() -> None:
+    import sys
+
+    assert "antigravity" not in sys.modules
+    with pytest.raises(SelectorError, match="no imported module defines 'antigravity.Fly'"):
+        select_modules(class_model(), "class:antigravity.Fly")
+    assert "antigravity" not in sys.modules
+
+
+def test_match_names_refuses_class_selectors() -> None:
+    with pytest.raises(SelectorError, match="needs the modules, not their names"):
+        match_names(["a"], "class:Linear")
+
+
+def test_class_selectors_do_one_match_per_module_name() -> None:
+    from lit_partial.selection import count_match_operations
+
+    for blocks in (100, 200):
+        model = wide_model(blocks)
+        with count_match_operations() as box:
+            chosen = select_parameters(model, "class:Linear")
+        assert len(chosen) == 4 * blocks
+        assert box[0] == 3 * blocks + 1  # blocks, blocks.i, blocks.i.0, blocks.i.1: one test per distinct class

@@ -38,7 +38,7 @@ from lit_partial.distributed import allow_unused_parameters, holds_on_all_ranks
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
 from lit_partial.module import PartialBackpropMixin
-from lit_partial.selection import SelectorError, as_selector_list, canonical_name, select_modules
+from lit_partial.selection import CLASS_PREFIX, SelectorError, as_selector_list, canonical_name, select_modules
 from lit_partial.tree import first_tensor
 
 GATE_PREFIX = "gate:"
@@ -348,7 +348,8 @@ def resolve_targets(
     owner: dict[str, str] = {}
     is_mixin = isinstance(model, PartialBackpropMixin)
     for key in rules:
-        if key.startswith(GATE_PREFIX) or (allow_gates and is_mixin and not _matches_any(model, key)):
+        maybe_gate = allow_gates and is_mixin and not key.startswith(CLASS_PREFIX)  # a class is never a gate
+        if key.startswith(GATE_PREFIX) or (maybe_gate and not _matches_any(model, key)):
             if not allow_gates:
                 raise SelectorError(f"{who}: rule {key!r} names a gate; {who} rules name modules (selectors) only.")
             if not is_mixin:
