@@ -11,6 +11,7 @@ form                                                    holds when
 ``{"steps": [a, b]}``                                   ``a <= global_step < b``
 ``{"every_n_steps": n, "offset": k}``                   ``global_step % n == k`` (``offset`` optional)
 ``{"probability": p, "seed": s}``                       a draw below ``p``, the same on every rank
+``{"probability": p, "warmup_steps": n}``               a draw below ``p * min(1, global_step / n)``
 ``{"stat": s, "op": o, "value": v}``                    ``stat(activation) o v``, e.g. mean > 0
 ``{"metric": m, "op": o, "value": v}``                  the last logged value of ``m`` satisfies ``o v``
 ``{"plateau": m, "mode": "min", "patience": p}``        ``m`` has not improved for ``p`` evaluations
@@ -82,7 +83,8 @@ __all__ = [
 
 VALID_FORMS = (
     '"always", "never", {"epochs": [a, b]}, {"steps": [a, b]}, {"every_n_steps": n}, '
-    '{"probability": p}, {"stat": "mean"|"max"|"min"|"norm"|"std"|"abs_mean", "op": ">"|">="|"<"|"<="|"=="|"!=", '
+    '{"probability": p, "warmup_steps": n}, '
+    '{"stat": "mean"|"max"|"min"|"norm"|"std"|"abs_mean", "op": ">"|">="|"<"|"<="|"=="|"!=", '
     '"value": v}, {"metric": name, "op": ..., "value": v}, {"plateau": name, "mode": "min"|"max", "patience": p, '
     '"min_delta": d}, {"all": [...]}, {"any": [...]}'
 )
@@ -216,15 +218,36 @@ class EveryNSteps(Condition):
         return ctx.global_step % self.n == self.offset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Probability(Condition):
-    """Holds with probability ``p``; the draw depends only on ``(seed, salt, global_step, batch_idx)``."""
+    """Holds with probability ``p``; the draw depends only on ``(seed, salt, global_step, batch_idx)``.
+
+    With ``warmup_steps = n > 0`` the probability ramps linearly from 0 at step 0 to ``p`` at step ``n``
+    (composer's ``drop_warmup``): :meth:`rate` is ``p * min(1, global_step / n)``, a function of the step alone,
+    so it is the same on every rank and after a resume.
+
+    Example:
+        >>> [Probability(0.5, warmup_steps=4).rate(StepContext(global_step=s)) for s in (0, 1, 4, 9)]
+        [0.0, 0.125, 0.5, 0.5]
+    """
 
     p: float
     seed: int = 0
+    warmup_steps: int = 0
+
+    def __repr__(self) -> str:
+        # Without warmup_steps when 0: configurations (and checkpoints) from before the field read the same.
+        warmup = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
+        return f"Probability(p={self.p!r}, seed={self.seed!r}{warmup})"
+
+    def rate(self, ctx: StepContext) -> float:
+        """The probability at ``ctx``: ``p``, ramped up over the first ``warmup_steps`` optimizer steps."""
+        if self.warmup_steps <= 0 or ctx.global_step >= self.warmup_steps:
+            return self.p
+        return self.p * ctx.global_step / self.warmup_steps
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
-        return uniform_draw(self.seed, salt, ctx.global_step, ctx.batch_idx) < self.p
+        return uniform_draw(self.seed, salt, ctx.global_step, ctx.batch_idx) < self.rate(ctx)
 
     @property
     def is_random(self) -> bool:  # noqa: D102
@@ -233,7 +256,7 @@ class Probability(Condition):
     def per_sample(self, ctx: StepContext, batch_size: int, *, salt: str = "", device: Any = None) -> Tensor:
         """One draw per sample, shape ``(batch_size,)``, as reproducible as the scalar draw."""
         gen = torch.Generator().manual_seed(int(uniform_draw(self.seed, salt, ctx.global_step, ctx.batch_idx) * 2**53))
-        return (torch.rand(batch_size, generator=gen) < self.p).to(device)
+        return (torch.rand(batch_size, generator=gen) < self.rate(ctx)).to(device)
 
 
 def _norm(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
@@ -394,7 +417,9 @@ def _probability(spec: Mapping[str, Any]) -> Probability:
     p = spec["probability"]
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= float(p) <= 1.0:
         raise ConditionError(f"condition {dict(spec)!r}: `probability` must be a number in [0, 1], got {p!r}.")
-    return Probability(float(p), _int(spec, "seed", spec.get("seed", 0)))  # type: ignore[arg-type]  # not None
+    seed = _int(spec, "seed", spec.get("seed", 0))
+    warmup = _int(spec, "warmup_steps", spec.get("warmup_steps", 0))
+    return Probability(float(p), seed, warmup)  # type: ignore[arg-type]  # _int returns None only with allow_none
 
 
 def _statistic(spec: Mapping[str, Any]) -> Statistic:
@@ -453,7 +478,7 @@ _FORMS: dict[str, tuple[set[str], Callable[[Mapping[str, Any]], Condition]]] = {
             _int(s, "every_n_steps", s["every_n_steps"], minimum=1) or 1, _int(s, "offset", s.get("offset", 0)) or 0
         ),
     ),
-    "probability": ({"probability", "seed"}, _probability),
+    "probability": ({"probability", "seed", "warmup_steps"}, _probability),
     "stat": ({"stat", "op", "value"}, _statistic),
     "metric": ({"metric", "op", "value"}, _metric),
     "plateau": ({"plateau", "mode", "patience", "min_delta"}, _plateau),

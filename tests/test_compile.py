@@ -216,3 +216,25 @@ def test_freezing_releasing_and_refreezing_under_compile_equals_eager_bit_for_bi
         assert all(not torch.equal(compiled[k][name], compiled[k + 1][name]) for k in trained), name
     # One graph per requires_grad pattern: step 6 goes back to step 0's pattern and re-uses its graph, correctly.
     assert (counts.graphs, counts.breaks) == (2, 0), counts.reasons
+
+
+@pytest.mark.slow
+def test_a_drop_rate_warmup_compiles_one_graph_per_pattern_of_decisions_like_eager() -> None:
+    from tests._compile import RecordPatterns
+
+    def go(how: str | None) -> tuple[TinyNet, Any, RecordPatterns]:
+        torch.manual_seed(0)
+        model, patterns = TinyNet(), RecordPatterns()
+        depth = StochasticDepth("blocks.*", 0.5, drop_warmup=0.5, drop_distribution="uniform")
+        with dynamo_counts() as counts:
+            quiet_trainer(max_steps=12, callbacks=[depth, patterns]).fit(prepare(model, how), tiny_loader(n=96))
+        return model, counts, patterns
+
+    compiled, counts, patterns = go("model.compile()")
+    eager, _, eager_patterns = go(None)
+    assert eager_patterns.patterns == patterns.patterns
+    # the rate changes every warm-up step, but it is read before the step: graphs follow the decisions only
+    # (+ 1: the first step records the blocks' output structure, as in the table above)
+    assert (counts.graphs, counts.breaks) == (patterns.distinct + 1, 0), counts.reasons
+    assert patterns.distinct < 12
+    assert_states_bitwise_equal(eager.state_dict(), compiled.state_dict())

@@ -157,6 +157,9 @@ def test_accepts_omegaconf_and_condition_instances() -> None:
         ({"probability": 1.5}, r"`probability` must be a number in \[0, 1\], got 1\.5"),
         ({"probability": "half"}, r"`probability` must be a number"),
         ({"probability": 0.5, "seed": -2}, r"`seed` must be an integer"),
+        ({"probability": 0.5, "warmup_steps": -1}, r"`warmup_steps` must be an integer >= 0, got -1"),
+        ({"probability": 0.5, "warmup_steps": 2.5}, r"`warmup_steps` must be an integer >= 0, got 2\.5"),
+        ({"probability": 0.5, "warmup_steps": True}, r"`warmup_steps` must be an integer >= 0, got True"),
         ({"stat": "median", "op": ">", "value": 0}, r"`stat` must be one of \['abs_mean'"),
         ({"stat": "mean", "op": "=>", "value": 0}, r"`op` must be one of"),
         ({"stat": "mean", "op": ">", "value": float("nan")}, r"`value` must be a finite number"),
@@ -168,3 +171,22 @@ def test_accepts_omegaconf_and_condition_instances() -> None:
 def test_invalid_forms(spec: object, match: str) -> None:
     with pytest.raises(ConditionError, match=match):
         parse_condition(spec)
+
+
+def test_probability_warmup_ramps_the_rate_linearly_from_zero() -> None:
+    cond = parse_condition({"probability": 0.4, "warmup_steps": 10, "seed": 3})
+    assert cond == Probability(0.4, seed=3, warmup_steps=10)
+    assert [cond.rate(ctx(step=s)) for s in (0, 1, 5, 10, 11, 1000)] == pytest.approx([0, 0.04, 0.2, 0.4, 0.4, 0.4])
+    # the same draw against the ramped rate: a step held during the warm-up also holds after it
+    for step in range(40):
+        draw = uniform_draw(3, "blocks.1", step, 0)
+        assert cond(ctx(step=step), salt="blocks.1") == (draw < 0.4 * min(1.0, step / 10)), step
+    rows = cond.per_sample(ctx(step=2), 4096, salt="a")  # per sample at step 2: probability 0.08
+    assert float(rows.float().mean()) == pytest.approx(0.08, abs=0.015)
+    assert not cond.per_sample(ctx(step=0), 64, salt="a").any()
+
+
+def test_probability_without_warmup_reads_as_before() -> None:
+    # configurations are compared by repr on resume: a rule written before warmup_steps existed must read the same
+    assert repr(parse_condition({"probability": 0.5})) == "Probability(p=0.5, seed=0)"
+    assert repr(Probability(0.5, 1, 8)) == "Probability(p=0.5, seed=1, warmup_steps=8)"

@@ -290,7 +290,7 @@ def test_a_class_path_is_never_imported_by_a_selector() -> None:
     import sys
 
     assert "antigravity" not in sys.modules
-    with pytest.raises(SelectorError, match="no imported module defines 'antigravity.Fly'"):
+    with pytest.raises(SelectorError, match=r"no imported module defines 'antigravity\.Fly'"):
         select_modules(class_model(), "class:antigravity.Fly")
     assert "antigravity" not in sys.modules
 

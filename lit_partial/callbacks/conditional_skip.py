@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import lightning as L
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -28,7 +29,7 @@ from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
 from lit_partial.selection import Selectors, as_selector_list, canonical_name, select_modules
 
-__all__ = ["ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
+__all__ = ["DROP_DISTRIBUTIONS", "ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
 
 
 class ConditionalSkip(DynamicGraphCallback):
@@ -231,13 +232,21 @@ def _assumed_layout(
     )
 
 
-def stochastic_depth_rates(num_blocks: int, drop_rate: float) -> list[float]:
-    """Drop probability of each block, rising linearly with depth: ``drop_rate * (i + 1) / num_blocks``.
+DROP_DISTRIBUTIONS = ("linear", "uniform")
+
+
+def stochastic_depth_rates(num_blocks: int, drop_rate: float, distribution: str = "linear") -> list[float]:
+    """Drop probability of each block, by ``distribution`` (composer's ``drop_distribution``).
+
+    ``"linear"`` rises with depth, ``drop_rate * (i + 1) / num_blocks`` (Huang et al.; composer's default);
+    ``"uniform"`` gives every block ``drop_rate``.
 
     Example:
-        >>> stochastic_depth_rates(4, 0.5)
-        [0.125, 0.25, 0.375, 0.5]
+        >>> stochastic_depth_rates(4, 0.5), stochastic_depth_rates(2, 0.5, "uniform")
+        ([0.125, 0.25, 0.375, 0.5], [0.5, 0.5])
     """
+    if distribution == "uniform":
+        return [drop_rate] * num_blocks
     return [drop_rate * (i + 1) / num_blocks for i in range(num_blocks)]
 
 
@@ -245,26 +254,39 @@ class StochasticDepth(ConditionalSkip):
     """Stochastic depth (Huang et al., 2016): each residual block is skipped at random, deeper ones more often.
 
     The ``i``-th selected block (of ``L``, in model order) is skipped with probability
-    ``drop_rate * (i + 1) / L``: the last block with ``drop_rate``. Draws are rank-identical and resume
-    exactly (``seed``, block name, step). Kept blocks are not rescaled (torchvision divides the residual by the
-    survival rate in training, Huang et al. scale it at test time); the model sees unscaled residuals in both
-    modes. Logs ``conditional_skip/<block>`` per block.
+    ``drop_rate * (i + 1) / L`` (``drop_distribution="linear"``: the last block with ``drop_rate``) or
+    ``drop_rate`` (``"uniform"``). With ``drop_warmup`` every rate ramps linearly from 0 over that fraction of
+    training (composer's ``drop_warmup``): ``rate * min(1, step / n)`` with ``n = round(drop_warmup *
+    trainer.estimated_stepping_batches)`` optimizer steps, fixed at ``setup``. Draws are rank-identical and resume
+    exactly (``seed``, block name, step), and are made before each step, outside a compiled forward.
+    Kept blocks are not rescaled (torchvision divides the residual by the survival rate in training, Huang et
+    al. scale it at test time); the model sees unscaled residuals in both modes. Logs
+    ``conditional_skip/<block>`` per block.
 
     Args:
         blocks: Selector(s) of the residual blocks, e.g. ``"blocks.*"``.
-        drop_rate: Drop probability of the deepest block, in [0, 1].
+        drop_rate: Drop probability of the deepest block (of every block with ``"uniform"``), in [0, 1].
         seed: Seed of the draws.
         per_sample: Skip single batch rows instead of the whole batch (every block then runs).
         log: Log the per-block fractions.
+        drop_warmup: Fraction of training, in [0, 1), over which the rates ramp up from 0 (0: no warm-up).
+        drop_distribution: ``"linear"`` (rates rise with depth) or ``"uniform"`` (every block ``drop_rate``).
         accept_config_change: Resume from a checkpoint made with another configuration (see
             :class:`~lit_partial.callbacks.base.Technique`).
 
     Raises:
-        ValueError: If ``drop_rate`` is outside [0, 1] or ``seed`` is not a non-negative integer.
+        ValueError: If ``drop_rate`` is outside [0, 1], ``seed`` is not a non-negative integer, ``drop_warmup``
+            is outside [0, 1) or ``drop_distribution`` is unknown; at ``setup``, a ``drop_warmup`` for a run
+            without a known length.
 
     Example:
-        >>> depth = StochasticDepth(blocks="blocks.*", drop_rate=0.5)
-        >>> trainer = L.Trainer(callbacks=[depth], max_steps=10)  # doctest: +SKIP
+        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> depth = StochasticDepth(blocks="backbone.res.*", drop_rate=0.5, drop_warmup=0.5)
+        >>> trainer = L.Trainer(callbacks=[depth], max_steps=8, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(DigitsClassifier(channels=[8], residual_blocks=2), DigitsDataModule(batch_size=16))
+        >>> [rule.condition for rule in depth.rules.values()]  # ramped up over the first 4 of the 8 steps
+        [Probability(p=0.25, seed=0, warmup_steps=4), Probability(p=0.5, seed=0, warmup_steps=4)]
     """
 
     def __init__(
@@ -274,6 +296,8 @@ class StochasticDepth(ConditionalSkip):
         seed: int = 0,
         per_sample: bool = False,
         log: bool = True,
+        drop_warmup: float = 0.0,
+        drop_distribution: str = "linear",
         *,
         accept_config_change: bool = False,
     ) -> None:
@@ -281,6 +305,18 @@ class StochasticDepth(ConditionalSkip):
             raise ConfigurationError(f"`drop_rate` must be a number in [0, 1], got {drop_rate!r}; 0.1-0.5 are usual.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigurationError(f"`seed` must be a non-negative integer, got {seed!r}.")
+        if isinstance(drop_warmup, bool) or not isinstance(drop_warmup, int | float) or not 0.0 <= drop_warmup < 1.0:
+            raise ConfigurationError(
+                f"`drop_warmup` must be a fraction of training in [0, 1), got {drop_warmup!r}; e.g. 0.1 ramps the "
+                "drop rates up from 0 over the first tenth of training."
+            )
+        if drop_distribution not in DROP_DISTRIBUTIONS:
+            raise ConfigurationError(
+                f"`drop_distribution` must be one of {list(DROP_DISTRIBUTIONS)}, got {drop_distribution!r}: 'linear' "
+                "rises with depth to drop_rate, 'uniform' gives every block drop_rate."
+            )
+        self.drop_warmup, self.drop_distribution = float(drop_warmup), drop_distribution
+        self.warmup_steps = 0  # drop_warmup in optimizer steps, set in setup
         self.blocks = as_selector_list(to_plain(blocks), argument="blocks")
         self.drop_rate, self.seed = float(drop_rate), seed
         when = {"probability": self.drop_rate, "seed": seed}
@@ -291,14 +327,40 @@ class StochasticDepth(ConditionalSkip):
 
     @override
     def config(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "drop_rate": self.drop_rate, "seed": self.seed, "per_sample": self.per_sample}
+        config: dict[str, Any] = {
+            "blocks": self.blocks,
+            "drop_rate": self.drop_rate,
+            "seed": self.seed,
+            "per_sample": self.per_sample,
+        }
+        # Only where set, so checkpoints from before these options still resume (their state key is unchanged).
+        if self.drop_warmup:
+            config["drop_warmup"] = self.drop_warmup
+        if self.drop_distribution != "linear":
+            config["drop_distribution"] = self.drop_distribution
+        return config
+
+    @override
+    def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.warmup_steps = 0
+        if self.drop_warmup:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ConfigurationError(
+                    f"StochasticDepth(drop_warmup={self.drop_warmup}) is a fraction of training, and this run has no "
+                    f"known length (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}). Fix: set "
+                    "max_steps or max_epochs, or ramp over a number of steps with ConditionalSkip({blocks: "
+                    "{'probability': p, 'warmup_steps': n}})."
+                )
+            self.warmup_steps = max(1, round(self.drop_warmup * total))
+        super().attach(trainer, pl_module)
 
     def _targets(self, model: nn.Module) -> list[tuple[Rule, str, nn.Module]]:
         found = select_modules(model, self.blocks)
-        rates = stochastic_depth_rates(len(found), self.drop_rate)
+        rates = stochastic_depth_rates(len(found), self.drop_rate, self.drop_distribution)
         keys = [canonical_name(name) for name, _ in found]  # the same whether or not a submodule is compiled
         self.rules = {
-            key: Rule(key, Probability(min(1.0, rate), self.seed), per_sample=self.per_sample)
+            key: Rule(key, Probability(min(1.0, rate), self.seed, self.warmup_steps), per_sample=self.per_sample)
             for key, rate in zip(keys, rates, strict=True)
         }
         self.totals = {key: self.totals.get(key, [0.0, 0.0]) for key in self.rules}
@@ -309,6 +371,6 @@ class StochasticDepth(ConditionalSkip):
         return "blocks are skipped at random, so their parameters get no gradient on those steps"
 
     def expected_executed_fraction(self) -> float:
-        """The expected fraction of block executions per training step (1 - mean drop rate)."""
+        """The expected fraction of block executions per training step after the warm-up (1 - mean drop rate)."""
         rates = [rule.condition.p for rule in self.rules.values()]  # type: ignore[attr-defined]  # Probability rules
         return 1.0 - math.fsum(rates) / len(rates) if rates else 1.0

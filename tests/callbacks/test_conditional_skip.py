@@ -179,6 +179,18 @@ def test_module_with_two_inputs_returns_its_first_input_when_skipped() -> None:
         (lambda: StochasticDepth(drop_rate="high"), ValueError, "`drop_rate` must be a number"),
         (lambda: StochasticDepth(seed=-1), ValueError, "`seed` must be a non-negative integer"),
         (lambda: StochasticDepth(blocks=[]), SelectorError, "empty list"),
+        (
+            lambda: StochasticDepth(drop_warmup=1.0),
+            ValueError,
+            r"`drop_warmup` must be a fraction of training in \[0, 1\)",
+        ),
+        (lambda: StochasticDepth(drop_warmup=-0.1), ValueError, r"`drop_warmup` must be a fraction .*got -0\.1"),
+        (lambda: StochasticDepth(drop_warmup="10%"), ValueError, r"`drop_warmup` must be a fraction .*got '10%'"),
+        (
+            lambda: StochasticDepth(drop_distribution="quadratic"),
+            ValueError,
+            r"`drop_distribution` must be one of \['linear', 'uniform'\], got 'quadratic'",
+        ),
     ],
 )
 def test_invalid_arguments_fail_in_init(make: Any, error: type[Exception], match: str) -> None:
