@@ -35,6 +35,8 @@ from lit_partial.selection import as_selector_list
 
 __all__ = [
     "ScheduleEntry",
+    "callback_yaml",
+    "entry_spec",
     "gradual_unfreezing_schedule",
     "group_names",
     "parse_schedule",
@@ -187,12 +189,16 @@ def parse_schedule(schedule: Any) -> list[ScheduleEntry]:
 
 
 def gradual_unfreezing_schedule(
-    blocks: Sequence[str], every_n_epochs: int = 1, start_epoch: int | None = None, lr_decay: float = 1.0
+    blocks: Sequence[str | Sequence[str]],
+    every_n_epochs: int = 1,
+    start_epoch: int | None = None,
+    lr_decay: float = 1.0,
 ) -> list[dict[str, Any]]:
     """ULMFiT-style gradual unfreezing: one more block from the top every ``every_n_epochs`` epochs.
 
     Args:
-        blocks: Block selectors ordered from the bottom (input side) to the top (output side).
+        blocks: Block selectors ordered from the bottom (input side) to the top (output side); an item may be a
+            list of selectors unfrozen together (e.g. the embeddings below the first block).
         every_n_epochs: Epochs between two unfreezes.
         start_epoch: Epoch of the first unfreeze (default ``every_n_epochs``: the head trains alone first).
         lr_decay: Discriminative fine-tuning: each block learns ``lr_decay`` times slower than the block above
@@ -212,11 +218,54 @@ def gradual_unfreezing_schedule(
     start = every_n_epochs if start_epoch is None else start_epoch
     entries: list[dict[str, Any]] = []
     for depth, block in enumerate(reversed(list(blocks))):
-        entry: dict[str, Any] = {"epoch": start + depth * every_n_epochs, "unfreeze": block}
+        group = block if isinstance(block, str) or len(block) != 1 else block[0]
+        entry: dict[str, Any] = {"epoch": start + depth * every_n_epochs, "unfreeze": group}
         if lr_decay != 1.0:
             entry["lr_scale"] = lr_decay ** -(depth + 1)
         entries.append(entry)
     return entries
+
+
+def entry_spec(entry: ScheduleEntry, when: Any = None) -> dict[str, Any]:
+    """``entry`` as the plain dict that parses back to it (``when``: the condition as written, for ``when`` entries).
+
+    Example:
+        >>> entry_spec(parse_schedule([{"epoch": 2, "unfreeze": ["a"], "lr_scale": 0.5}])[0])
+        {'epoch': 2, 'unfreeze': 'a', 'lr_scale': 0.5}
+    """
+    spec: dict[str, Any] = {"when": when} if entry.kind == "when" else {entry.kind: entry.point}
+    for key, selectors in (("unfreeze", entry.unfreeze), ("freeze", entry.freeze)):
+        if selectors:
+            spec[key] = selectors[0] if len(selectors) == 1 else list(selectors)
+    if entry.lr_scale != 1.0:
+        spec["lr_scale"] = entry.lr_scale
+    return spec
+
+
+def callback_yaml(target: str, arguments: dict[str, Any], style: str = "hydra", name: str = "callback") -> str:
+    """A callback's constructor arguments as YAML, for a Hydra preset or a LightningCLI ``trainer.callbacks`` item.
+
+    ``style="hydra"``: ``name:`` holding ``_target_`` and the arguments (a ``conf/partial/*.yaml`` preset);
+    ``style="lightning_cli"``: a list item with ``class_path`` and ``init_args``. Entries of lists of scalars and
+    mappings of scalars are written inline, as in the presets; floats in full, so the YAML parses back equal.
+
+    Example:
+        >>> print(callback_yaml("lit_partial.LayerFreezing", {"frozen": ["a"], "train_bn": False}, name="freeze"))
+        freeze:
+          _target_: lit_partial.LayerFreezing
+          frozen: [a]
+          train_bn: false
+        <BLANKLINE>
+    """
+    import yaml  # type: ignore[import-untyped]  # PyYAML (a hydra-core and lightning dependency) has no stubs
+
+    if style == "hydra":
+        document: Any = {name: {"_target_": target, **arguments}}
+    elif style == "lightning_cli":
+        document = [{"class_path": target, "init_args": arguments}]
+    else:
+        raise ConfigurationError(f"`style` is {style!r}; expected 'hydra' (a partial= preset) or 'lightning_cli'.")
+    return str(yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=120))
 
 
 def progressive_freezing_schedule(

@@ -37,6 +37,8 @@ from lit_partial._plain import to_plain
 from lit_partial.attach import Handle
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
+    callback_yaml,
+    entry_spec,
     gradual_unfreezing_schedule,
     group_names,
     parse_schedule,
@@ -62,6 +64,7 @@ from lit_partial.distributed import (
 )
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import (
+    find_block_stack,
     hold_eval,
     norm_parameter_ids,
     set_requires_grad,
@@ -162,6 +165,8 @@ class LayerFreezing(Technique):
         frozen = to_plain(frozen)
         self.frozen: list[str] = [] if frozen is None else as_selector_list(frozen, argument="frozen")
         self.schedule: list[ScheduleEntry] = parse_schedule(schedule)
+        raw = to_plain(schedule) or []
+        self._when_specs = [r.get("when") if isinstance(r, dict) else None for r in raw]  # as written, for to_yaml
         if not isinstance(train_bn, bool):
             raise ConfigurationError(f"`train_bn` is {train_bn!r}; expected True or False.")
         if not self.frozen and not self.schedule:
@@ -205,6 +210,82 @@ class LayerFreezing(Technique):
         """
         schedule = gradual_unfreezing_schedule(blocks, every_n_epochs, start_epoch, lr_decay)
         return cls(frozen=list(blocks), schedule=schedule, train_bn=train_bn)
+
+    @classmethod
+    def gradual(
+        cls,
+        model: nn.Module,
+        stack: str | None = None,
+        every_n_epochs: int = 1,
+        start_epoch: int | None = None,
+        lr_decay: float = 1.0,
+        train_bn: bool = False,
+        freeze_below: bool = True,
+    ) -> LayerFreezing:
+        """Gradual unfreezing planned from ``model``'s depth (finetuning-scheduler's generated schedule, ULMFiT's).
+
+        The blocks are found by :func:`~lit_partial.functional.freezing.find_block_stack` (the longest
+        ``ModuleList`` / ``Sequential`` of same-class blocks, or the container ``stack`` names). What comes after
+        them (final norm, head) trains from the start; then one more block from the top every ``every_n_epochs``
+        epochs, each ``lr_decay`` times slower than the one above; with ``freeze_below``, what comes before them
+        (embeddings, stem) is frozen too and unfreezes last. :meth:`to_yaml` writes the result as a preset.
+
+        Raises:
+            ConfigurationError: If the model has no block stack (name it with ``stack``), or nothing after its
+                blocks would train first (then pass ``start_epoch=0``).
+
+        Example:
+            >>> from lit_partial.examples import DigitsClassifier
+            >>> cb = LayerFreezing.gradual(DigitsClassifier(), lr_decay=2.0)
+            >>> cb.frozen
+            ['backbone.0', 'backbone.1', 'backbone.2']
+            >>> for entry in cb.schedule:
+            ...     print(entry.describe())
+            epoch 1: unfreeze backbone.2 (lr_scale 0.5)
+            epoch 2: unfreeze backbone.1 (lr_scale 0.25)
+            epoch 3: unfreeze backbone.0 (lr_scale 0.125)
+        """
+        if not isinstance(freeze_below, bool):
+            raise ConfigurationError(f"`freeze_below` is {freeze_below!r}; expected True or False.")
+        found = find_block_stack(model, stack)
+        if not found.above and start_epoch is None:
+            raise ConfigurationError(
+                f"{type(model).__name__} has nothing after its blocks ({found.container}.*) to train first, so the "
+                "first phase would train nothing. Fix: pass start_epoch=0 (the top block unfreezes at once)."
+            )
+        below = found.below if freeze_below else []
+        groups: list[str | list[str]] = [*([below] if below else []), *found.blocks]
+        schedule = gradual_unfreezing_schedule(groups, every_n_epochs, start_epoch, lr_decay)
+        return cls(frozen=[*below, *found.blocks], schedule=schedule, train_bn=train_bn)
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor arguments that build this callback again, as plain data (what :meth:`to_yaml` writes)."""
+        arguments: dict[str, Any] = {
+            "frozen": list(self.frozen),
+            "schedule": [entry_spec(e, w) for e, w in zip(self.schedule, self._when_specs, strict=True)],
+            "train_bn": self.train_bn,
+        }
+        if self.accept_config_change:
+            arguments["accept_config_change"] = True
+        return arguments
+
+    def to_yaml(self, style: str = "hydra", name: str = "layer_freezing") -> str:
+        """This callback as YAML, to keep a generated schedule or hand it to a colleague.
+
+        ``style="hydra"``: a ``partial=`` preset named ``name`` (``conf/partial/<file>.yaml``);
+        ``style="lightning_cli"``: an item of a LightningCLI config's ``trainer.callbacks`` list.
+
+        Example:
+            >>> print(LayerFreezing(frozen="b", schedule=[{"epoch": 1, "unfreeze": "b"}]).to_yaml(name="thaw"))
+            thaw:
+              _target_: lit_partial.LayerFreezing
+              frozen: [b]
+              schedule:
+              - {epoch: 1, unfreeze: b}
+              train_bn: false
+            <BLANKLINE>
+        """
+        return callback_yaml("lit_partial.LayerFreezing", self.arguments(), style=style, name=name)
 
     @classmethod
     def progressive_freezing(
