@@ -53,7 +53,7 @@ from lit_partial.callbacks._group_state import (
 )
 from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
-from lit_partial.conditions import StepContext
+from lit_partial.conditions import Condition, StepContext
 from lit_partial.distributed import (
     all_reduce_gradients,
     broadcast_parameters,
@@ -259,7 +259,17 @@ class LayerFreezing(Technique):
         return cls(frozen=[*below, *found.blocks], schedule=schedule, train_bn=train_bn)
 
     def arguments(self) -> dict[str, Any]:
-        """The constructor arguments that build this callback again, as plain data (what :meth:`to_yaml` writes)."""
+        """The constructor arguments that build this callback again, as plain data (what :meth:`to_yaml` writes).
+
+        Raises:
+            ConfigurationError: If a ``when`` entry was given as a condition object, which has no plain form.
+        """
+        for i, spec in enumerate(self._when_specs):
+            if isinstance(spec, Condition):
+                raise ConfigurationError(
+                    f"schedule[{i}]['when'] is the object {spec!r}, which cannot be written out; give it in its dict "
+                    "form (e.g. {'plateau': 'val_loss', 'patience': 2}) to write the schedule as YAML."
+                )
         arguments: dict[str, Any] = {
             "frozen": list(self.frozen),
             "schedule": [entry_spec(e, w) for e, w in zip(self.schedule, self._when_specs, strict=True)],

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lit_partial import LayerFreezing
+from lit_partial.conditions import Metric
 from lit_partial.errors import ConfigurationError
 from lit_partial.examples import DigitsClassifier, ResidualFFN
 from lit_partial.functional.freezing import BlockStack, find_block_stack
@@ -63,6 +64,10 @@ def test_parameters_outside_modules_wholly_on_one_side_are_named_themselves() ->
         (lambda: LayerFreezing.gradual(TinyNet(), freeze_below="yes"), "`freeze_below` is 'yes'"),
         (lambda: LayerFreezing.gradual(TinyNet(), lr_decay=0.5), ">= 1"),
         (lambda: LayerFreezing(frozen="a").to_yaml(style="toml"), "expected 'hydra'"),
+        (
+            lambda: LayerFreezing(schedule=[{"when": Metric("val_acc", ">", 0.9), "freeze": "a"}]).to_yaml(),
+            r"schedule\[0\]\['when'\] is the object Metric\(.*give it in its dict form",
+        ),
     ],
 )
 def test_what_cannot_be_planned_fails_naming_the_fix(call: object, match: str) -> None:
