@@ -212,10 +212,15 @@ def test_resume_with_random_rules_is_exact(tmp_path: Path) -> None:
     first, model = quiet_trainer(max_epochs=1, callbacks=[ConditionalDetach(rules)]), TinyNet()
     first.fit(model, tiny_loader())
     first.save_checkpoint(tmp_path / "half.ckpt")
-    resumed, detach = TinyNet(), ConditionalDetach(rules)
-    quiet_trainer(max_epochs=2, callbacks=[detach]).fit(resumed, tiny_loader(), ckpt_path=tmp_path / "half.ckpt")
+    resumed, detach, record = TinyNet(), ConditionalDetach(rules), RecordGrads()
+    quiet_trainer(max_epochs=2, callbacks=[detach, record]).fit(
+        resumed, tiny_loader(), ckpt_path=tmp_path / "half.ckpt"
+    )
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
     assert detach.totals["blocks.1"][1] == 8  # counters resumed too
+    # it acted after the resume: on the steps blocks.1 drew a detach, nothing below it got a gradient
+    drawn = {s for s in range(4, 8) if uniform_draw(4, "blocks.1", s, s % 4) < 0.5}
+    assert drawn and {s for s, none in enumerate(record.no_grad, 4) if "blocks.0.fc1.weight" in none} == drawn
 
 
 class PlainNet(L.LightningModule):  # no mixin: no gates
