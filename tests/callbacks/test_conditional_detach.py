@@ -322,6 +322,10 @@ def test_plain_ddp_every_rule_type_ranks_bitwise_equal(tmp_path: Path) -> None:
     for key in ("features", "blocks.0.fc1", "blocks.2.fc1"):  # step-based and random rules agree
         assert frac[0]["ConditionalDetach"][key] == frac[1]["ConditionalDetach"][key]
     assert frac[0]["StochasticDepth"] == frac[1]["StochasticDepth"]
+    # it acted: the gate detached everything below the head at steps 0 and 3, on both ranks alike
+    no_grad = [json.loads((tmp_path / f"no_grad{r}.json").read_text()) for r in range(2)]
+    below_head = sorted(n for n, _ in TinyNet().named_parameters() if not n.startswith("head"))
+    assert no_grad[0] == no_grad[1] and no_grad[0][0] == no_grad[0][3] == below_head
 
 
 @pytest.mark.slow
