@@ -54,7 +54,7 @@ def test_frozen_stage_equals_requires_grad_false_with_batchnorm_held() -> None:
 
 def test_checkpointed_blocks_change_no_bit_batchnorm_statistics_included() -> None:
     blocks = ["net.layer1.0", "net.layer1.1", "net.layer2.0"]
-    recomputed, monitor, plain_bytes = RecomputeRecorder(), ActivationMemoryMonitor(), []
+    recomputed, monitor, plain_bytes = RecomputeRecorder(), ActivationMemoryMonitor(), list[int]()
     model = fit([ActivationDetach(checkpoint=blocks), recomputed, monitor])
     assert_states_bitwise_equal(model.state_dict(), hand_written(saved_bytes=plain_bytes).state_dict())
     # it acted: every backward ran the blocks' layers again, and kept less than plain PyTorch

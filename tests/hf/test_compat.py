@@ -69,7 +69,7 @@ def test_frozen_embeddings_equal_requires_grad_false(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpointing_every_layer_changes_no_bit(family: str) -> None:
-    recomputed, monitor, plain = RecomputeRecorder(), ActivationMemoryMonitor(), []
+    recomputed, monitor, plain = RecomputeRecorder(), ActivationMemoryMonitor(), list[tuple[set[str], int]]()
     checkpointing = ActivationDetach(checkpoint=f"model.{LAYERS[family]}.*")  # dropout 0.1: RNG replayed
     model = fit(family, [checkpointing, recomputed, monitor])
     assert_states_bitwise_equal(model.model.state_dict(), hand_written(family, measured=plain).state_dict())
