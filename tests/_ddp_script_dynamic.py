@@ -92,15 +92,22 @@ class RankData(L.LightningDataModule):
 
 
 class SaveFractions(Callback):
-    """Every rank writes the fractions of each lit_partial callback to ``dir/fractions{rank}.json``."""
+    """Every rank writes the fractions of each lit_partial callback to ``dir/fractions{rank}.json``, and per
+    optimizer step the parameters that got no gradient (after DDP's reduction) to ``dir/no_grad{rank}.json``."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self.no_grad: list[list[str]] = []
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.no_grad.append(sorted(n for n, p in pl_module.named_parameters() if p.grad is None))
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = {type(cb).__name__: cb.fractions() for cb in trainer.callbacks if hasattr(cb, "fractions")}
         (self.directory / f"fractions{trainer.global_rank}.json").write_text(json.dumps(out))
+        (self.directory / f"no_grad{trainer.global_rank}.json").write_text(json.dumps(self.no_grad))
 
 
 def ddp_callbacks() -> list[Callback]:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from lit_partial import ActivationDetach, ActivationMemoryMonitor, ConditionError, SelectorError
 from lit_partial.examples import DigitsClassifier, DigitsDataModule
 from lit_partial.functional import UnsafeCheckpointError, activation_cuts
+from tests._acted import RecomputeRecorder, inner_modules
 from tests._activation_models import UNIT, FFNModule, N, ffn_loader, params
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 
@@ -84,15 +85,20 @@ def test_checkpoint_acts_in_training_steps_only(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_checkpointed_digits_cnn_trains_bit_identically_with_batchnorm_and_dropout() -> None:
-    def run(callbacks: list) -> dict[str, Tensor]:
+    def run(callbacks: list) -> DigitsClassifier:
         L.seed_everything(0, verbose=False)
         model = DigitsClassifier(channels=(8, 16), dropout=0.5)
         quiet_trainer(max_steps=2, callbacks=callbacks, limit_val_batches=0).fit(model, DigitsDataModule(batch_size=16))
-        return params(model)
+        return model
 
-    plain = run([])
-    ours = run([ActivationDetach(checkpoint=["backbone.*", "head"])])
-    assert_states_bitwise_equal(ours, plain)  # running stats too: updated once per step, not twice
+    plain_monitor, monitor, recomputed = ActivationMemoryMonitor(), ActivationMemoryMonitor(), RecomputeRecorder()
+    plain = run([plain_monitor])
+    ours = run([ActivationDetach(checkpoint=["backbone.*", "head"]), monitor, recomputed])
+    assert_states_bitwise_equal(params(ours), params(plain))  # running stats too: updated once per step, not twice
+    # it acted: backward recomputed the conv blocks and the head (pooling and flatten have no children), keeping less
+    checkpointed = ["backbone.0", "backbone.1", "backbone.2", "backbone.3", "head"]
+    assert recomputed.per_backward == [inner_modules(ours, checkpointed)] * 2
+    assert all(a < b for a, b in zip(monitor.history, plain_monitor.history, strict=True))
 
 
 def test_segments_checkpoint_sequential_pieces() -> None:

@@ -19,7 +19,7 @@ from lit_partial import (
 )
 from lit_partial.callbacks.base import Technique
 from tests._ddp_script_dynamic import TinyNet, tiny_loader
-from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers import RecordGrads, assert_states_bitwise_equal, quiet_trainer
 
 
 class Net(TinyNet):
@@ -83,11 +83,13 @@ def test_resuming_with_a_changed_configuration_is_an_error_naming_the_change(
 
 def test_accept_config_change_resumes_with_the_new_configuration(tmp_path: Path) -> None:
     path = checkpoint(tmp_path, [ConditionalDetach({"stem": {"every_n_steps": 2}})])
+    record = RecordGrads()
     with pytest.warns(UserWarning, match="not resumed \\(accept_config_change=True\\)"):
-        changed = resume(path, [ConditionalDetach({"stem": {"every_n_steps": 3}}, accept_config_change=True)])
+        changed = resume(path, [ConditionalDetach({"stem": {"every_n_steps": 3}}, accept_config_change=True), record])
     # the same as resuming the weights with a fresh callback of the new configuration
     fresh = resume(path, [_DropTechniqueStates(), ConditionalDetach({"stem": {"every_n_steps": 3}})])
     assert_states_bitwise_equal(changed.state_dict(), fresh.state_dict())
+    assert ["stem.weight" in none for none in record.no_grad] == [False, True]  # steps 2, 3: the new rule acted
 
 
 class _DropTechniqueStates(L.Callback):
@@ -107,9 +109,10 @@ def test_resuming_without_a_technique_of_the_checkpoint_is_an_error(tmp_path: Pa
 
 def test_resume_with_the_same_configuration_restores_the_state(tmp_path: Path) -> None:
     path = checkpoint(tmp_path, [ConditionalDetach({"stem": {"every_n_steps": 2}})])
-    detach = ConditionalDetach({"stem": {"every_n_steps": 2}})
-    resume(path, [detach])
+    detach, record = ConditionalDetach({"stem": {"every_n_steps": 2}}), RecordGrads()
+    resume(path, [detach, record])
     assert detach.totals["stem"] == [2.0, 4.0]  # 1 of 2 steps before the checkpoint, 1 of 2 after
+    assert ["stem.weight" in none for none in record.no_grad] == [True, False]  # steps 2, 3: it detached at step 2
 
 
 class Boom(TinyNet):

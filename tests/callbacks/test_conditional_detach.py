@@ -212,10 +212,15 @@ def test_resume_with_random_rules_is_exact(tmp_path: Path) -> None:
     first, model = quiet_trainer(max_epochs=1, callbacks=[ConditionalDetach(rules)]), TinyNet()
     first.fit(model, tiny_loader())
     first.save_checkpoint(tmp_path / "half.ckpt")
-    resumed, detach = TinyNet(), ConditionalDetach(rules)
-    quiet_trainer(max_epochs=2, callbacks=[detach]).fit(resumed, tiny_loader(), ckpt_path=tmp_path / "half.ckpt")
+    resumed, detach, record = TinyNet(), ConditionalDetach(rules), RecordGrads()
+    quiet_trainer(max_epochs=2, callbacks=[detach, record]).fit(
+        resumed, tiny_loader(), ckpt_path=tmp_path / "half.ckpt"
+    )
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
     assert detach.totals["blocks.1"][1] == 8  # counters resumed too
+    # it acted after the resume: on the steps blocks.1 drew a detach, nothing below it got a gradient
+    drawn = {s for s in range(4, 8) if uniform_draw(4, "blocks.1", s, s % 4) < 0.5}
+    assert drawn and {s for s, none in enumerate(record.no_grad, 4) if "blocks.0.fc1.weight" in none} == drawn
 
 
 class PlainNet(L.LightningModule):  # no mixin: no gates
@@ -317,6 +322,10 @@ def test_plain_ddp_every_rule_type_ranks_bitwise_equal(tmp_path: Path) -> None:
     for key in ("features", "blocks.0.fc1", "blocks.2.fc1"):  # step-based and random rules agree
         assert frac[0]["ConditionalDetach"][key] == frac[1]["ConditionalDetach"][key]
     assert frac[0]["StochasticDepth"] == frac[1]["StochasticDepth"]
+    # it acted: the gate detached everything below the head at steps 0 and 3, on both ranks alike
+    no_grad = [json.loads((tmp_path / f"no_grad{r}.json").read_text()) for r in range(2)]
+    below_head = sorted(n for n, _ in TinyNet().named_parameters() if not n.startswith("head"))
+    assert no_grad[0] == no_grad[1] and no_grad[0][0] == no_grad[0][3] == below_head
 
 
 @pytest.mark.slow

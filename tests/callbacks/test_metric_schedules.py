@@ -18,7 +18,7 @@ from lit_partial import ConditionalDetach, LayerFreezing
 from lit_partial.conditions import ConditionError
 from lit_partial.errors import ConfigurationError
 from tests._ddp_script_dynamic import TinyNet, tiny_loader
-from tests.helpers import assert_states_bitwise_equal, load_rank_states, quiet_trainer
+from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 #: The validation score logged at the end of each epoch (rank 1 logs it plus RANK1_SHIFT, not synced).
@@ -203,9 +203,11 @@ def epoch_freezing() -> LayerFreezing:
 
 def test_lr_scale_applies_when_the_optimizer_was_built_without_partial_param_groups() -> None:
     torch.manual_seed(0)
-    plain = PlainOptimizerNet(sched="lambda")
-    trainer = quiet_trainer(max_epochs=3, callbacks=[epoch_freezing()])
+    plain, record = PlainOptimizerNet(sched="lambda"), RecordGrads()
+    trainer = quiet_trainer(max_epochs=3, callbacks=[epoch_freezing(), record])
     trainer.fit(plain, tiny_loader())
+    steps = len(tiny_loader())
+    assert ["stem.weight" in none for none in record.no_grad] == [True] * steps + [False] * 2 * steps  # it froze
     groups = trainer.optimizers[0].param_groups
     assert [g.get("name") for g in groups] == [None, "unfreeze@epoch1"]
     assert groups[1]["params"] == [plain.stem.weight, plain.stem.bias]
@@ -221,15 +223,19 @@ def test_lr_scale_split_groups_resume_exactly(tmp_path: Path) -> None:
     full = PlainOptimizerNet(sched="lambda")
     quiet_trainer(max_epochs=3, callbacks=[epoch_freezing()]).fit(full, tiny_loader())
     torch.manual_seed(0)
-    part = PlainOptimizerNet(sched="lambda")
-    trainer = quiet_trainer(max_epochs=2, callbacks=[epoch_freezing()])
+    part, record = PlainOptimizerNet(sched="lambda"), RecordGrads()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[epoch_freezing(), record])
     trainer.fit(part, tiny_loader())
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    assert ["stem.weight" in none for none in record.no_grad] == [True] * 4 + [False] * 4  # frozen in epoch 0
     resumed = PlainOptimizerNet(sched="lambda")
-    quiet_trainer(max_epochs=3, callbacks=[epoch_freezing()]).fit(
-        resumed, tiny_loader(), ckpt_path=tmp_path / "mid.ckpt"
-    )
+    trainer = quiet_trainer(max_epochs=3, callbacks=[epoch_freezing()])
+    trainer.fit(resumed, tiny_loader(), ckpt_path=tmp_path / "mid.ckpt")
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
+    # it acted after the resume: the stem trains in a group of its own at a tenth of the rate
+    stem = next(g for g in trainer.optimizers[0].param_groups if any(p is resumed.stem.weight for p in g["params"]))
+    rest = next(g for g in trainer.optimizers[0].param_groups if g is not stem)
+    assert stem["params"] == [resumed.stem.weight, resumed.stem.bias] and stem["lr"] == pytest.approx(rest["lr"] * 0.1)
 
 
 def test_a_scheduler_that_cannot_take_new_groups_gets_a_warning_naming_the_fix() -> None:

@@ -2,7 +2,9 @@
 
 Each pair trains two steps and is torn down; then (1) every module is exactly as it was before fit (no
 ``forward`` instance attribute, no hook, no extra ``__dict__`` entry) and (2) the parameters equal, bit for
-bit, a plain PyTorch loop that does by hand what both callbacks do.
+bit, a plain PyTorch loop that does by hand what both callbacks do. Checkpointing and the monitor change no
+bit, so (3) they must be seen acting: backward recomputes exactly the checkpointed block's layers on the steps
+it reaches the block, and the monitor logs the bytes the reference's graph keeps, measured by hand.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_partial import (
@@ -29,7 +32,8 @@ from lit_partial import (
     SelectiveBackprop,
 )
 from lit_partial.examples.models import FFNBlock
-from lit_partial.functional import build_random_mask, select_topk
+from lit_partial.functional import SavedTensorTracker, build_random_mask, select_topk
+from tests._acted import RecomputeRecorder, inner_modules
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 
 MASKED = "blocks.1.fc1.weight"
@@ -80,8 +84,8 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
 
 
-def reference(names: set[str]) -> Net:
-    """A plain PyTorch loop doing by hand what the named techniques do."""
+def reference(names: set[str], saved_bytes: list[int] | None = None) -> Net:
+    """A plain PyTorch loop doing by hand what the named techniques do; ``saved_bytes`` gets each step's graph size."""
     model = Net()
     if "freeze" in names:
         model.blocks[1].requires_grad_(False)
@@ -89,16 +93,21 @@ def reference(names: set[str]) -> Net:
     weight = model.get_parameter(MASKED)
     keep = build_random_mask(weight.shape, 0.5, 0, MASKED)
     for step, (x, y) in enumerate(batches()):
+        x, y = x.clone(), y.clone()  # own storages, as the loader's batches have (saved bytes count whole storages)
         if "select" in names:
             model.eval()
             with torch.no_grad():
                 index = select_topk((model(x) - y).pow(2).mean(1), 0.5)
             model.train()
             x, y = x[index], y[index]
-        h = model.blocks[0](model.stem(x))
-        h = h if "skip" in names and step % 2 == 1 else model.blocks[1](h)
-        h = h.detach() if "detach" in names and step % 2 == 0 else h
-        loss = (model.head(model.blocks[2](h)) - y).pow(2).mean(1).mean()
+        with SavedTensorTracker(exclude=[model]) as tracker:
+            h = model.blocks[0](model.stem(x))
+            if not ("skip" in names and step % 2 == 1):
+                h = checkpoint(model.blocks[1], h, use_reentrant=False) if "checkpoint" in names else model.blocks[1](h)
+            h = h.detach() if "detach" in names and step % 2 == 0 else h
+            loss = (model.head(model.blocks[2](h)) - y).pow(2).mean(1).mean()
+        if saved_bytes is not None:
+            saved_bytes.append(tracker.live_bytes())
         opt.zero_grad()
         loss.backward()
         before = weight.detach().clone()
@@ -121,24 +130,36 @@ def footprint(model: nn.Module) -> dict[str, Any]:
     return prints
 
 
-def fit(names: tuple[str, ...]) -> Net:
+def fit_and_compare(names: tuple[str, ...]) -> None:
+    """Train with the named callbacks, check the unwinding, the reference, and that the no-op-looking ones acted."""
     model = Net()
     before = footprint(model)
-    quiet_trainer(max_steps=2, callbacks=[TECHNIQUES[n]() for n in names]).fit(model, loader())
+    callbacks = {n: TECHNIQUES[n]() for n in names}
+    recomputed = RecomputeRecorder()
+    quiet_trainer(max_steps=2, callbacks=[*callbacks.values(), recomputed]).fit(model, loader())
     after = footprint(model)
     after[""] = (before[""][0], after[""][1])  # Lightning itself adds attributes to the LightningModule
     assert after == before, f"{names} left something attached"
-    return model
+    saved_bytes: list[int] = []
+    assert_states_bitwise_equal(model.state_dict(), reference(set(names), saved_bytes).state_dict())
+    # Backward reaches blocks.1 unless it was skipped (odd steps) or its output detached (even steps).
+    reached = [not ("skip" in names and step % 2 == 1) and not ("detach" in names and step % 2 == 0) for step in (0, 1)]
+    layers = inner_modules(model, ["blocks.1"]) if "checkpoint" in names else set()
+    assert recomputed.per_backward == [layers if r else set() for r in reached], "checkpointing did not act as expected"
+    if "monitor" in names:
+        monitor = callbacks["monitor"]
+        assert isinstance(monitor, ActivationMemoryMonitor)
+        assert list(monitor.history) == saved_bytes, "the monitor did not log the bytes counted by hand"
 
 
 @pytest.mark.parametrize("names", PAIRS, ids=["+".join(p) for p in PAIRS])
 def test_pair_composes_matches_reference_and_unwinds(names: tuple[str, str]) -> None:
-    assert_states_bitwise_equal(fit(names).state_dict(), reference(set(names)).state_dict())
+    fit_and_compare(names)
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
 def test_each_technique_alone_matches_its_reference(name: str) -> None:
-    assert_states_bitwise_equal(fit((name,)).state_dict(), reference({name}).state_dict())
+    fit_and_compare((name,))
 
 
 def test_reference_differs_from_plain_training_for_every_technique_that_changes_training() -> None:

@@ -164,6 +164,7 @@ def test_exact_resume_with_pool_history_and_rng(tmp_path: Path) -> None:
     resumed_model, resumed_cb, _ = run(2, str(tmp_path / "half.ckpt"))
     assert_states_bitwise_equal(full_model.state_dict(), resumed_model.state_dict())
     assert resumed_model.seen == full_model.seen[2:]
+    assert [len(ids) for ids in resumed_model.seen] == [2, 2]  # it acted after the resume: round(0.3 * 8) rows each
     a, b = full_cb.state_dict(), resumed_cb.state_dict()
     assert torch.equal(a["history"], b["history"]) and torch.equal(a["pool"]["losses"], b["pool"]["losses"])
     assert (a["forward_samples"], a["backward_samples"]) == (b["forward_samples"], b["backward_samples"])

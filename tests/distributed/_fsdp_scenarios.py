@@ -46,6 +46,7 @@ from lit_partial import (
 )
 from lit_partial.distributed import full_tensor
 from lit_partial.examples.models import FFNBlock
+from tests._acted import RecomputeRecorder
 
 WIDTH = 16
 
@@ -134,6 +135,8 @@ class Dump(Callback):
                 out["extra"][f"fractions/{name}"] = cb.fractions()
             if isinstance(cb, ActivationMemoryMonitor):
                 out["extra"]["saved_bytes"] = list(cb.history)
+            if isinstance(cb, RecomputeRecorder):
+                out["extra"]["recomputed"] = [sorted(names) for names in cb.per_backward]
             if isinstance(cb, SelectiveBackprop):
                 out["extra"]["selected"] = [cb.forward_samples, cb.backward_samples]
             if isinstance(cb, LayerFreezing):
@@ -202,8 +205,11 @@ SCENARIOS: dict[str, tuple[Callable[[], list[Callback]], int]] = {
         lambda: [ConditionalSkip({"blocks.*": {"when": {"probability": 0.5, "seed": 2}, "per_sample": True}})],
         2,
     ),
-    "activations": (
-        lambda: [ActivationDetach(at={"stem": {"steps": [0, 4]}}, checkpoint=["blocks.1", "blocks.2"])],
+    "activations": (  # the recorder shows the checkpointing acting: backward runs the blocks' layers again
+        lambda: [
+            ActivationDetach(at={"stem": {"steps": [0, 4]}}, checkpoint=["blocks.1", "blocks.2"]),
+            RecomputeRecorder(),
+        ],
         2,
     ),
     "selective": (lambda: [SelectiveBackprop(keep=0.5, method="probability", seed=1)], 2),

@@ -70,12 +70,26 @@ COMPARED = ["plain", "plain_norm", "freezing", "masking", "detach", "skip", "ski
 COMPARED += ["selective", "monitor"]
 
 
+#: Scenarios trained like ``plain`` (2 epochs, no BatchNorm) whose technique changes the result.
+CHANGES_TRAINING = ["masking", "detach", "skip", "skip_per_sample", "activations", "selective"]
+
+
 @pytest.mark.parametrize("name", COMPARED)
 def test_fsdp2_parameters_equal_ddp_bit_for_bit(runs: Path, name: str) -> None:
     fsdp2, ddp = load(runs, name, "fsdp2"), load(runs, name, "ddp")
     assert_bitwise_equal(params_only(fsdp2["state"]), params_only(ddp["state"]), f"{name}: FSDP2 vs DDP")
     assert not torch.equal(fsdp2["state"]["head.weight"], fsdp2["initial"]["head.weight"]), "nothing trained"
     assert fsdp2["extra"] == ddp["extra"], f"{name}: the callbacks counted differently"
+    # Equal under both strategies proves little if the technique did nothing under both: check that it acted.
+    if name in CHANGES_TRAINING:
+        plain = load(runs, "plain", "fsdp2")["state"]
+        assert any(not torch.equal(v, plain[k]) for k, v in fsdp2["state"].items()), f"{name}: same as plain training"
+    if name == "activations":
+        layers = [f"blocks.{b}.{m}" for b in (1, 2) for m in ("act", "fc1", "fc2")]
+        recomputed = fsdp2["extra"]["recomputed"]
+        assert recomputed and all(names == layers for names in recomputed), "checkpointing recomputed nothing"
+    if name == "monitor":
+        assert fsdp2["extra"]["saved_bytes"] and min(fsdp2["extra"]["saved_bytes"]) > 0, "the monitor measured nothing"
 
 
 @pytest.mark.parametrize("name", [*COMPARED, "per_rank_statistic"])
@@ -132,9 +146,19 @@ def test_resume_from_a_mid_schedule_checkpoint_equals_the_straight_run(runs: Pat
     # (fsdp2-full) one file with the full state. Without LayerFreezing's own read of the optimizer state of
     # blocks.1 (frozen in setup, unfrozen at epoch 1), Lightning's restore drops its AdamW moments (both formats).
     for rank in (0, 1):
-        straight = load(runs, "resume", f"{strategy}-straight", rank)["state"]
-        resumed = load(runs, "resume", f"{strategy}-resumed", rank)["state"]
-        assert_bitwise_equal(straight, resumed, f"rank {rank}: resumed vs straight under {strategy}")
+        straight = load(runs, "resume", f"{strategy}-straight", rank)
+        resumed = load(runs, "resume", f"{strategy}-resumed", rank)
+        assert_bitwise_equal(straight["state"], resumed["state"], f"rank {rank}: resumed vs straight under {strategy}")
+        assert resumed["extra"] == straight["extra"], f"rank {rank}: the callbacks' counters did not resume"
+    # Equal to the straight run proves little if the callbacks did nothing in either: check that they acted.
+    extra = resumed["extra"]
+    assert [lr for _, lr in extra["param_groups"]] == pytest.approx([0.05, 0.005, 0.025])  # lr_scale 0.1 and 0.5
+    for name in ("blocks.1.fc1.weight", "head.weight"):  # static masks: the masked elements never moved
+        frozen = ~resumed["masks"][name].expand_as(resumed["state"][name])
+        assert frozen.any() and torch.equal(resumed["state"][name][frozen], resumed["initial"][name][frozen]), name
+    assert any(extra["fractions/StochasticDepth"].values()), "StochasticDepth skipped no block"
+    forward_samples, backward_samples = extra["selected"]
+    assert backward_samples < forward_samples / 2, "SelectiveBackprop trained on every sample"
     if strategy == "fsdp2":
         assert (runs / "resume-fsdp2-epoch2.ckpt").is_dir(), "expected Lightning's sharded checkpoint folder"
         ddp = load(runs, "resume", "ddp-straight")["state"]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lit_partial.examples import DigitsCNN, ResidualFFN
 from lit_partial.functional import (
+    SavedTensorTracker,
     UnsafeCheckpointError,
     checkpoint_modules,
     detach_outputs,
@@ -17,6 +18,7 @@ from lit_partial.functional import (
     saved_activation_bytes,
 )
 from lit_partial.selection import SelectorError
+from tests._acted import below, modules_called
 
 B, W, N = 4, 16, 8
 UNIT = B * W * 4  # bytes of one (B, W) float32 activation
@@ -85,10 +87,19 @@ def test_checkpoint_preserves_dropout_and_updates_batchnorm_once() -> None:
     ckpt = copy.deepcopy(plain)
     x = torch.randn(8, 1, 8, 8)
     torch.manual_seed(1)
-    plain(x).sum().backward()
-    handle = checkpoint_modules(ckpt, ["backbone.0", "backbone.1", "backbone.2", "head"])
+    with modules_called(plain) as forward, SavedTensorTracker(exclude=[plain]) as plain_saved:
+        loss = plain(x).sum()
+    plain_bytes = plain_saved.live_bytes()
+    loss.backward()
+    checkpointed = ["backbone.0", "backbone.1", "backbone.2", "head"]
+    handle = checkpoint_modules(ckpt, checkpointed)
     torch.manual_seed(1)
-    ckpt(x).sum().backward()
+    with SavedTensorTracker(exclude=[ckpt]) as ckpt_saved:
+        loss = ckpt(x).sum()
+    assert ckpt_saved.live_bytes() < plain_bytes  # it acted: less kept, and backward recomputes the blocks' layers
+    with modules_called(ckpt) as recomputed:
+        loss.backward()
+    assert recomputed == below(forward, checkpointed) != set()
     handle.remove()
     assert _same(_grads(ckpt), _grads(plain))
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
@@ -139,7 +150,11 @@ def test_nested_patches_restore_in_order() -> None:
     first = checkpoint_modules(model, ["blocks.0", "blocks.0.fc1"])  # nested: only the outer one is patched
     assert "forward" not in model.blocks[0].fc1.__dict__
     second = offload_modules(model, "blocks.0")
-    assert torch.equal(model(x), reference)
+    out = model(x)
+    assert torch.equal(out, reference)
+    with modules_called(model) as recomputed:
+        out.sum().backward()
+    assert recomputed == {"blocks.0.fc1", "blocks.0.act", "blocks.0.fc2"}  # the checkpoint acted inside the offload
     second.remove()
     first.remove()
     assert "forward" not in model.blocks[0].__dict__

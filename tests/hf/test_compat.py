@@ -18,7 +18,9 @@ import transformers
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lit_partial import ActivationDetach, ConditionalDetach, LayerFreezing, SelectiveBackprop
+from lit_partial import ActivationDetach, ActivationMemoryMonitor, ConditionalDetach, LayerFreezing, SelectiveBackprop
+from lit_partial.functional import SavedTensorTracker
+from tests._acted import RecomputeRecorder, below, modules_called
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 from tests.hf._models import FAMILIES, LAYERS, HFModule, build, loader
 
@@ -34,14 +36,25 @@ def fit(family: str, callbacks: list[Callback], module: type[HFModule] = HFModul
     return model
 
 
-def hand_written(family: str, prepare: Callable[[nn.Module], Any] = lambda m: None) -> nn.Module:
-    """Plain PyTorch AdamW on the same data; ``prepare`` changes the model by hand first."""
+def hand_written(
+    family: str,
+    prepare: Callable[[nn.Module], Any] = lambda m: None,
+    measured: list[tuple[set[str], int]] | None = None,
+) -> nn.Module:
+    """Plain PyTorch AdamW on the same data; ``prepare`` changes the model by hand first.
+
+    ``measured`` receives, per step, the modules the forward called and the bytes its graph keeps for backward.
+    """
     torch.manual_seed(0)
     ref = build(family).train()
     prepare(ref)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     for batch in list(loader(family))[:STEPS]:
-        ref(**batch).loss.backward()
+        with modules_called(ref) as called, SavedTensorTracker(exclude=[ref]) as tracker:
+            loss = ref(**batch).loss
+        if measured is not None:
+            measured.append((called, tracker.live_bytes()))
+        loss.backward()
         opt.step()
         opt.zero_grad()
     return ref
@@ -56,8 +69,15 @@ def test_frozen_embeddings_equal_requires_grad_false(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_checkpointing_every_layer_changes_no_bit(family: str) -> None:
-    model = fit(family, [ActivationDetach(checkpoint=f"model.{LAYERS[family]}.*")])  # dropout 0.1: RNG replayed
-    assert_states_bitwise_equal(model.model.state_dict(), hand_written(family).state_dict())
+    recomputed, monitor, plain = RecomputeRecorder(), ActivationMemoryMonitor(), list[tuple[set[str], int]]()
+    checkpointing = ActivationDetach(checkpoint=f"model.{LAYERS[family]}.*")  # dropout 0.1: RNG replayed
+    model = fit(family, [checkpointing, recomputed, monitor])
+    assert_states_bitwise_equal(model.model.state_dict(), hand_written(family, measured=plain).state_dict())
+    # it acted: each backward ran again what the plain forward ran inside the layers, and less was kept
+    layers = [f"{LAYERS[family]}.{i}" for i in range(2)]
+    expected = [{f"model.{n}" for n in below(called, layers)} for called, _ in plain]
+    assert expected[0] and recomputed.per_backward == expected
+    assert all(ours < hand for ours, (_, hand) in zip(monitor.history, plain, strict=True))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
