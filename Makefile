@@ -51,14 +51,14 @@ test: $(STAMP_TEST)
 	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope)
 
 lint: $(STAMP_DEV)
-	$(PY) -m ruff check lit_partial scripts tests
-	$(PY) -m ruff format --check lit_partial scripts tests
+	$(PY) -m ruff check lit_partial benchmarks examples tests scripts
+	$(PY) -m ruff format --check lit_partial benchmarks examples tests scripts
 
 typecheck: $(STAMP_DEV)
 	$(PY) -m mypy lit_partial
 
-bench: $(STAMP_TRAIN)
-	$(PY) scripts/benchmark.py
+bench: $(STAMP_TRAIN)  ## the measured claims (benchmarks/, a checkout only): every section, results in benchmark_results/
+	$(PY) -m benchmarks
 
 clean-venv:
 	rm -rf .venv

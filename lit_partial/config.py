@@ -1,13 +1,10 @@
-"""Hydra structured configs and safe ``_target_`` checks: what the main job's YAML files are held to.
+"""Generic Hydra helpers: typed schemas generated from constructors, and safe ``_target_`` checks.
 
-``register_configs()`` stores ``main_schema`` in Hydra's ConfigStore; ``conf/config.yaml`` lists it first
-in its defaults, so every key composed from the YAML files or the command line is checked: an unknown
-key or a value of the wrong type (``trainer.max_epochs=abc``, ``model.lr=abc``) stops before any code runs.
-
-The trainer schema is generated from ``lightning.Trainer.__init__``, and the model and data schemas from
-their classes' constructors (:func:`constructor_schema`, stored as ``schema/model/<Class>`` and
-``schema/data/<Class>``, which ``conf/model/*.yaml`` and ``conf/data/*.yaml`` extend), so every argument is
-available as ``<group>.<name>`` with its type, in whatever version is installed.
+:func:`trainer_schema` generates a dataclass from ``lightning.Trainer.__init__`` and :func:`constructor_schema`
+one from any class's constructor, so that a YAML file extending them is type-checked when composed: an unknown
+key or a value of the wrong type (``trainer.max_epochs=abc``, ``model.lr=abc``) stops before any code runs, in
+whatever version of the class is installed. The main job stores them in Hydra's ConfigStore
+(:func:`lit_partial.app.config.register_configs`); any Hydra application can do the same.
 
 :func:`check_targets` resolves every ``_target_`` of a composed config (nested ones included) *without
 calling anything*, from an allowlist of import roots, and checks that it is a class of the kind its group
@@ -35,7 +32,7 @@ import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal, Optional
 
 from lit_partial.errors import ConfigurationError
@@ -43,13 +40,9 @@ from lit_partial.errors import ConfigurationError
 __all__ = [
     "DEFAULT_TARGET_ROOTS",
     "GROUP_BASES",
-    "MainConfig",
-    "PathsConfig",
-    "PretrainConfig",
     "check_targets",
     "constructor_schema",
     "iter_targets",
-    "register_configs",
     "resolve_target",
     "trainer_schema",
 ]
@@ -109,7 +102,7 @@ def trainer_schema() -> type:
 
 
 def _target_path(cls: type) -> str:
-    """The public import path of ``cls``: ``lit_partial.examples.DigitsClassifier`` rather than its defining module."""
+    """The public import path of ``cls``: ``lit_partial.demos.DigitsClassifier`` rather than its defining module."""
     for module_name in (cls.__module__.rpartition(".")[0], cls.__module__):
         if module_name and getattr(importlib.import_module(module_name), cls.__name__, None) is cls:
             return f"{module_name}.{cls.__name__}"
@@ -124,10 +117,10 @@ def constructor_schema(cls: type) -> type:
     "could not be converted to Float" naming ``model.lr``, and an unknown key lists the valid ones.
 
     Example:
-        >>> from lit_partial.examples import DigitsClassifier
+        >>> from lit_partial.demos import DigitsClassifier
         >>> fields = constructor_schema(DigitsClassifier).__dataclass_fields__
         >>> fields["lr"].type, fields["channels"].type, fields["_target_"].default
-        (<class 'float'>, list[int], 'lit_partial.examples.DigitsClassifier')
+        (<class 'float'>, list[int], 'lit_partial.demos.DigitsClassifier')
     """
     init = vars(cls).get("__init__") or cls.__init__  # type: ignore[misc]  # the class's own constructor
     hints = typing.get_type_hints(init)
@@ -148,78 +141,6 @@ def constructor_schema(cls: type) -> type:
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 
-@dataclass
-class PretrainConfig:
-    """The transfer-learning job's first stage: train the model on other classes and keep its backbone."""
-
-    enabled: bool = True
-    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    max_epochs: int = 6
-    batch_size: int = 64
-    transfer: str = "backbone"
-    cache_dir: str = "outputs/pretrained"
-    force: bool = False
-
-
-@dataclass
-class CostsConfig:
-    """What the main job measures for the comparison report (``costs.json`` in the run folder)."""
-
-    enabled: bool = True
-    every_n_steps: int = 2
-
-
-@dataclass
-class PathsConfig:
-    """Where the job writes: logs, checkpoints and the composed config."""
-
-    output_dir: str = "${hydra:runtime.output_dir}"
-
-
-@dataclass
-class MainConfig:
-    """The main job's top-level schema; the groups (``model``, ``data``, ...) fill the ``Any`` nodes."""
-
-    trainer: Any = None  # replaced by the generated TrainerConfig in register_configs()
-    model: Any = None
-    data: Any = None
-    partial: dict[str, Any] = field(default_factory=dict)
-    logger: Any = None
-    callbacks: Any = None
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    costs: CostsConfig = field(default_factory=CostsConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    seed: Optional[int] = 0  # noqa: UP045 - OmegaConf reads typing.Optional, not `int | None`
-    ckpt_path: Optional[str] = None  # noqa: UP045
-    extra_target_roots: list[str] = field(default_factory=list)
-
-
-def _num_classes(classes: Any) -> int:
-    """``${num_classes:${data.classes}}``: 10 for all digits (``null``), else how many are listed."""
-    return 10 if classes is None else len(classes)
-
-
-def register_configs() -> None:
-    """Store ``main_schema`` and the model/data schemas in Hydra's ConfigStore; register ``${num_classes:...}``."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from lit_partial.examples import DigitsClassifier, DigitsDataModule, DigitsRNN
-
-    schema = dataclasses.make_dataclass(
-        "MainConfigSchema",
-        [("trainer", trainer_schema(), field(default_factory=trainer_schema()))],
-        bases=(MainConfig,),
-    )
-    store = ConfigStore.instance()
-    store.store(name="main_schema", node=schema)
-    for group, classes in (("model", (DigitsClassifier, DigitsRNN)), ("data", (DigitsDataModule,))):
-        for cls in classes:
-            store.store(group=f"schema/{group}", name=cls.__name__, node=constructor_schema(cls))
-    if not OmegaConf.has_resolver("num_classes"):
-        OmegaConf.register_new_resolver("num_classes", _num_classes)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Safe `_target_`s: resolve and check every target before anything is called.
 
@@ -236,7 +157,7 @@ DEFAULT_TARGET_ROOTS: tuple[str, ...] = (
 _UNSAFE_ROOTS: tuple[str, ...] = ("builtins", "os", "sys", "subprocess", "shutil", "pickle", "marshal", "importlib")
 _UNSAFE_ROOTS += ("runpy", "io", "pathlib", "ctypes", "socket", "code", "torch.hub", "torch.serialization", "hydra")
 _UNSAFE_ROOTS += ("numpy.lib",)
-_TOO_BROAD = ("torch", "numpy", "lightning", "lightning.pytorch", "lightning.fabric", "scripts")
+_TOO_BROAD = ("torch", "numpy", "lightning", "lightning.pytorch", "lightning.fabric")
 
 #: What a ``_target_`` directly under each group must build (by import path, so nothing is imported early).
 GROUP_BASES: dict[str, str] = {
@@ -382,8 +303,8 @@ def resolve_target(
 def _group_example(key: str) -> str:
     group = key.split(".")[0]
     return {
-        "model": "lit_partial.examples.DigitsClassifier",
-        "data": "lit_partial.examples.DigitsDataModule",
+        "model": "lit_partial.demos.DigitsClassifier",
+        "data": "lit_partial.demos.DigitsDataModule",
         "partial": "lit_partial.LayerFreezing",
         "callbacks": "lightning.pytorch.callbacks.ModelCheckpoint",
         "logger": "lightning.pytorch.loggers.CSVLogger",

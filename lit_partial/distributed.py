@@ -258,7 +258,7 @@ def allow_unused_parameters(trainer: Any, who: str, reason: str) -> bool:
 
     rank_zero_info(
         f"{who}: set DDP find_unused_parameters=True ({reason}); without it plain DDP raises on such steps, or hangs "
-        "when ranks decide differently. Cost: one autograd-graph traversal per step (see scripts/bench/dynamic.py)."
+        "when ranks decide differently. Cost: one autograd-graph traversal per step (see benchmarks/dynamic.py)."
     )
     return True
 

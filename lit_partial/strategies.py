@@ -26,7 +26,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)``.
 
     The model applies ``torch.distributed.fsdp.fully_shard`` in its ``configure_model`` (see
-    ``lit_partial.examples.DigitsClassifier``). Everything else is Lightning's strategy, unchanged.
+    ``lit_partial.demos.DigitsClassifier``). Everything else is Lightning's strategy, unchanged.
 
     Args:
         devices: Processes per node (``trainer.devices``): a positive int.

@@ -101,7 +101,7 @@ def test_gates_and_transforms_leave_no_trace_once_removed() -> None:
 def test_batch_transforms_need_the_mixin_and_unwind() -> None:
     with pytest.raises(UsageError, match=r"PartialBackpropMixin"):
         register_batch_transform(nn.Linear(1, 1), lambda b, i: b)
-    from tests.test_module import Net
+    from tests.helpers.models import TinyNet as Net
 
     net = Net()
     handle = register_batch_transform(net, lambda b, i: b)

@@ -12,9 +12,9 @@ from torch import fx
 
 from lit_partial import LayerFreezing, StochasticDepth
 from lit_partial.attach import register_gate
-from tests._compile import BACKEND, SCENARIOS, dynamo_counts, prepare, run
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.compile import BACKEND, SCENARIOS, dynamo_counts, prepare, run
+from tests.helpers.models import TinyNet, tiny_loader
 
 #: scenario -> (graphs, graph breaks counted) over 8 training steps with `model.compile()`; the README's table.
 #: Graphs = one per distinct pattern of decisions the run met (`patterns`), plus what the scenario says.
@@ -50,8 +50,8 @@ def test_dynamo_counters_still_count_graphs() -> None:
     with dynamo_counts() as counts:
         torch.compile(f, backend=BACKEND)(torch.ones(2))
     assert (counts.graphs, counts.breaks) == (2, 1), (
-        f"torch {torch.__version__}: torch._dynamo.utils.counters no longer counts graphs/breaks as tests/_compile.py "
-        "expects; update dynamo_counts()."
+        f"torch {torch.__version__}: torch._dynamo.utils.counters no longer counts graphs/breaks as "
+        "tests/helpers/compile.py expects; update dynamo_counts()."
     )
 
 
@@ -220,7 +220,7 @@ def test_freezing_releasing_and_refreezing_under_compile_equals_eager_bit_for_bi
 
 @pytest.mark.slow
 def test_a_drop_rate_warmup_compiles_one_graph_per_pattern_of_decisions_like_eager() -> None:
-    from tests._compile import RecordPatterns
+    from tests.helpers.compile import RecordPatterns
 
     def go(how: str | None) -> tuple[TinyNet, Any, RecordPatterns]:
         torch.manual_seed(0)

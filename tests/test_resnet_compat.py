@@ -1,4 +1,4 @@
-"""A torchvision-style ResNet (BasicBlock + BatchNorm, built in tests/_resnet.py): freezing and checkpointing
+"""A torchvision-style ResNet (BasicBlock + BatchNorm, built in tests/helpers/resnet.py): freezing and checkpointing
 blocks equal plain PyTorch doing the same by hand, BatchNorm statistics included (skipping: test_skip_structures).
 Checkpointing changes no bit, so its test also checks that it acted: recomputation and fewer saved bytes."""
 
@@ -10,9 +10,9 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_partial import ActivationDetach, ActivationMemoryMonitor, LayerFreezing
 from lit_partial.functional import SavedTensorTracker
-from tests._acted import RecomputeRecorder, inner_modules
-from tests._resnet import ResNetModule, image_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.acted import RecomputeRecorder, inner_modules
+from tests.helpers.resnet import ResNetModule, image_loader
 
 STEPS = 4
 

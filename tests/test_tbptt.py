@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from lit_partial.examples import DigitsDataModule, DigitsRNN
+from lit_partial.demos import DigitsDataModule, DigitsRNN
 from lit_partial.functional import SavedTensorTracker
 from lit_partial.tbptt import detach_hiddens, split_along_time, truncated_bptt
-from tests._activation_models import SeqRNN, params, seq_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.activation_models import SeqRNN, params, seq_loader
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*validation_step.*")
 

@@ -7,6 +7,7 @@ from lit_partial.callbacks.activation_memory import ActivationMemoryMonitor
 from lit_partial.callbacks.base import Technique
 from lit_partial.callbacks.conditional_detach import ConditionalDetach
 from lit_partial.callbacks.conditional_skip import ConditionalSkip, StochasticDepth
+from lit_partial.callbacks.cost_monitor import CostMonitor
 from lit_partial.callbacks.gradient_masking import GradientMasking
 from lit_partial.callbacks.layer_freezing import LayerFreezing
 from lit_partial.callbacks.selective_backprop import SelectiveBackprop
@@ -16,6 +17,7 @@ __all__: list[str] = [
     "ActivationMemoryMonitor",
     "ConditionalDetach",
     "ConditionalSkip",
+    "CostMonitor",
     "GradientMasking",
     "LayerFreezing",
     "SelectiveBackprop",

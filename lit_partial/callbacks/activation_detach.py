@@ -61,7 +61,7 @@ class ActivationDetach(Technique):
         SelectorError: If a selector is malformed (``__init__``) or matches no module (``setup``).
 
     Example:
-        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> cb = ActivationDetach(at="backbone.0", checkpoint=["backbone.1", "backbone.2"])
         >>> trainer = L.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False)  # doctest: +SKIP

@@ -40,7 +40,7 @@ class ActivationMemoryMonitor(Technique):
         ValueError: If ``every_n_steps`` is not a positive int or ``name`` is empty.
 
     Example:
-        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> monitor = ActivationMemoryMonitor()
         >>> trainer = L.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)  # doctest: +SKIP

@@ -55,7 +55,7 @@ class ConditionalDetach(DynamicGraphCallback):
 
     Example:
         >>> import lightning as L
-        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> detach = ConditionalDetach({
         ...     "backbone.0": {"epochs": [0, 1]},                       # first epoch: block 0 gets no gradient
         ...     "features": {"when": "always", "grad_scale": 0.5},      # the gate in forward: half the gradient

@@ -81,7 +81,7 @@ class ConditionalSkip(DynamicGraphCallback):
 
     Example:
         >>> import lightning as L
-        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> skip = ConditionalSkip({"backbone.res.*": {"probability": 0.5}})  # each block skipped half the steps
         >>> trainer = L.Trainer(callbacks=[skip], max_steps=8, logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
@@ -280,7 +280,7 @@ class StochasticDepth(ConditionalSkip):
             without a known length.
 
     Example:
-        >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+        >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> depth = StochasticDepth(blocks="backbone.res.*", drop_rate=0.5, drop_warmup=0.5)
         >>> trainer = L.Trainer(callbacks=[depth], max_steps=8, logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)

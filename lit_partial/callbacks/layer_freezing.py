@@ -235,7 +235,7 @@ class LayerFreezing(Technique):
                 blocks would train first (then pass ``start_epoch=0``).
 
         Example:
-            >>> from lit_partial.examples import DigitsClassifier
+            >>> from lit_partial.demos import DigitsClassifier
             >>> cb = LayerFreezing.gradual(DigitsClassifier(), lr_decay=2.0)
             >>> cb.frozen
             ['backbone.0', 'backbone.1', 'backbone.2']

@@ -26,7 +26,7 @@ Design choices:
 
 Example:
     >>> import lightning as L
-    >>> from lit_partial.examples import DigitsClassifier, DigitsDataModule
+    >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
     >>> sb = SelectiveBackprop(keep=0.25, method="topk")
     >>> trainer = L.Trainer(max_steps=2, callbacks=[sb], logger=False, enable_checkpointing=False,
     ...                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

@@ -14,7 +14,7 @@ Three mechanisms, each attached to selected submodules and removable through the
 
 Example:
     >>> import torch
-    >>> from lit_partial.examples import ResidualFFN
+    >>> from lit_partial.demos import ResidualFFN
     >>> from lit_partial.functional import saved_activation_bytes
     >>> model, x = ResidualFFN(num_blocks=4, width=8), torch.randn(2, 8)
     >>> saved_activation_bytes(lambda: model(x).sum())  # every block keeps its input and its ReLU output

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from lit_partial import ActivationDetach, ActivationMemoryMonitor, ConditionError, SelectorError
-from lit_partial.examples import DigitsClassifier, DigitsDataModule
+from lit_partial.demos import DigitsClassifier, DigitsDataModule
 from lit_partial.functional import UnsafeCheckpointError, activation_cuts
-from tests._acted import RecomputeRecorder, inner_modules
-from tests._activation_models import UNIT, FFNModule, N, ffn_loader, params
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.acted import RecomputeRecorder, inner_modules
+from tests.helpers.activation_models import UNIT, FFNModule, N, ffn_loader, params
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*validation_step.*")
 

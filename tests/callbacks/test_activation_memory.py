@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_partial import ActivationDetach, ActivationMemoryMonitor
 from lit_partial.functional import saved_activation_bytes
-from tests._activation_models import UNIT, B, FFNModule, N, SeqRNN, W, ffn_loader, seq_loader
 from tests.helpers import quiet_trainer
+from tests.helpers.activation_models import UNIT, B, FFNModule, N, SeqRNN, W, ffn_loader, seq_loader
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*validation_step.*")
 

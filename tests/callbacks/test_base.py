@@ -18,8 +18,8 @@ from lit_partial import (
     SelectiveBackprop,
 )
 from lit_partial.callbacks.base import Technique
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import RecordGrads, assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.models import TinyNet, tiny_loader
 
 
 class Net(TinyNet):

@@ -18,8 +18,8 @@ from lit_partial import (
     StochasticDepth,
 )
 from lit_partial.selection import SelectorError
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.models import TinyNet, tiny_loader
 
 #: callback factory, class selector, the same modules by name (TinyNet: stem, blocks.0-2 = FFNBlock, head).
 CASES: dict[str, tuple[Callable[[Any], Callback], Any, Any]] = {
@@ -30,7 +30,7 @@ CASES: dict[str, tuple[Callable[[Any], Callback], Any, Any]] = {
     ),
     "GradientMasking": (
         lambda s: GradientMasking({s: {"kind": "random", "keep": 0.5, "seed": 0}}),
-        "class:lit_partial.examples.models.FFNBlock",
+        "class:lit_partial.demos.models.FFNBlock",
         "blocks.*",
     ),
     "ConditionalDetach": (lambda s: ConditionalDetach({s: {"steps": [0, 3]}}), "class:FFNBlock", "blocks.*"),

@@ -18,8 +18,8 @@ from torch import nn
 from lit_partial import ConditionalDetach, ConditionError, SelectorError
 from lit_partial.conditions import Probability, StepContext, uniform_draw
 from lit_partial.distributed import allow_unused_parameters
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
+from tests.helpers.models import TinyNet, tiny_loader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -307,7 +307,7 @@ def test_ddp_options_are_adjusted_once_and_static_graph_refused() -> None:
 def test_plain_ddp_every_rule_type_ranks_bitwise_equal(tmp_path: Path) -> None:
     # strategy="ddp" re-launches its script, so it runs in a subprocess; the timeout turns a hang into a failure.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "_ddp_script_dynamic.py"), str(tmp_path)],
+        [sys.executable, "-m", "tests.helpers.ddp_scripts.dynamic", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -333,7 +333,7 @@ def test_plain_ddp_every_rule_type_ranks_bitwise_equal(tmp_path: Path) -> None:
 def test_plain_ddp_without_the_callback_raises(tmp_path: Path) -> None:
     # The reference for the test above: the same detach written by hand makes plain DDP fail on step 1.
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "_ddp_script_dynamic.py"), str(tmp_path), "--raw"],
+        [sys.executable, "-m", "tests.helpers.ddp_scripts.dynamic", str(tmp_path), "--raw"],
         cwd=REPO,
         capture_output=True,
         text=True,

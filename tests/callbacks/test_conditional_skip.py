@@ -13,8 +13,9 @@ from torch import nn
 from lit_partial import ConditionalSkip, ConditionError, SelectorError, StochasticDepth
 from lit_partial.callbacks.conditional_skip import stochastic_depth_rates
 from lit_partial.conditions import Probability, StepContext, uniform_draw
-from tests._ddp_script_dynamic import TinyNet, main, tiny_loader
 from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
+from tests.helpers.ddp_scripts.dynamic import main
+from tests.helpers.models import TinyNet, tiny_loader
 
 
 def fit(callbacks: list[Callback], steps: int, **kw: Any) -> TinyNet:

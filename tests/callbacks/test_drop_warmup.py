@@ -14,8 +14,8 @@ from lit_partial import ConditionalDetach, ConditionalSkip, StochasticDepth
 from lit_partial.callbacks.conditional_skip import stochastic_depth_rates
 from lit_partial.conditions import Probability, StepContext, uniform_draw
 from lit_partial.errors import ConfigurationError
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import RecordGrads, assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.models import TinyNet, tiny_loader
 
 BATCHES = 4  # tiny_loader(): 32 samples in batches of 8
 

@@ -10,13 +10,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lit_partial import LayerFreezing
+from lit_partial.app.config import CONF_DIR
 from lit_partial.conditions import Metric
+from lit_partial.demos import DigitsClassifier, ResidualFFN
 from lit_partial.errors import ConfigurationError
-from lit_partial.examples import DigitsClassifier, ResidualFFN
 from lit_partial.functional.freezing import BlockStack, find_block_stack
-from tests._ddp_script_dynamic import TinyNet
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.models import TinyNet
 
 
 @pytest.mark.parametrize(
@@ -77,7 +76,7 @@ def test_what_cannot_be_planned_fails_naming_the_fix(call: object, match: str) -
 
 def test_gradual_equals_the_hand_written_ulmfit_preset_for_the_digits_cnn() -> None:
     generated = LayerFreezing.gradual(DigitsClassifier(), lr_decay=2.6)
-    preset = instantiate(OmegaConf.load(REPO / "conf" / "partial" / "gradual_unfreeze.yaml").gradual_unfreeze)
+    preset = instantiate(OmegaConf.load(CONF_DIR / "partial" / "gradual_unfreeze.yaml").gradual_unfreeze)
     assert generated.frozen == preset.frozen
     assert [(e.kind, e.point, e.unfreeze) for e in generated.schedule] == [
         (e.kind, e.point, e.unfreeze) for e in preset.schedule
@@ -131,13 +130,15 @@ def test_a_when_entry_and_several_selectors_round_trip_too() -> None:
 
 def test_the_lightning_cli_yaml_builds_the_same_callback(tmp_path: Path) -> None:
     pytest.importorskip("jsonargparse")
-    from scripts.lightning_cli import main
+    from tests.helpers.cli import lightning_cli_example_main
+
+    main = lightning_cli_example_main()
 
     cb = LayerFreezing.gradual(DigitsClassifier(), lr_decay=2.6)
     item = cb.to_yaml(style="lightning_cli")
     config = (
-        "model:\n  class_path: lit_partial.examples.DigitsClassifier\n"
-        "data:\n  class_path: lit_partial.examples.DigitsDataModule\n"
+        "model:\n  class_path: lit_partial.demos.DigitsClassifier\n"
+        "data:\n  class_path: lit_partial.demos.DigitsDataModule\n"
         "trainer:\n  callbacks:\n" + "".join(f"    {line}\n" for line in item.splitlines())
     )
     (tmp_path / "generated.yaml").write_text(config)

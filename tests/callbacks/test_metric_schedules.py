@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -17,34 +16,11 @@ from typing_extensions import override
 from lit_partial import ConditionalDetach, LayerFreezing
 from lit_partial.conditions import ConditionError
 from lit_partial.errors import ConfigurationError
-from tests._ddp_script_dynamic import TinyNet, tiny_loader
 from tests.helpers import RecordGrads, assert_states_bitwise_equal, load_rank_states, quiet_trainer
+from tests.helpers.models import TinyNet, tiny_loader
+from tests.helpers.plateau import RANK1_SHIFT, SCORES, RecordTrainable, ScriptedNet, plateau_freezing
 
 REPO = Path(__file__).resolve().parents[2]
-#: The validation score logged at the end of each epoch (rank 1 logs it plus RANK1_SHIFT, not synced).
-SCORES = [1.0, 0.8, 0.82, 0.81, 0.7, 0.71, 0.72, 0.6, 0.61, 0.62]
-RANK1_SHIFT = [0.0, 0.0, -0.5, -0.6, -0.2, -0.5, -0.6, 0.0, 0.0, 0.0]  # rank 1 alone: other plateaus
-
-
-class ScriptedNet(TinyNet):
-    """TinyNet whose validation logs ``val_score`` = SCORES[epoch] (plus RANK1_SHIFT on rank 1), unsynced."""
-
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        epoch = self.current_epoch
-        value = SCORES[epoch] + (RANK1_SHIFT[epoch] if self.global_rank == 1 else 0.0)
-        self.log("val_score", value)
-
-
-class RecordTrainable(Callback):
-    """The epochs at whose start ``stem.weight`` trains (put it after LayerFreezing)."""
-
-    def __init__(self) -> None:
-        self.trainable_at: dict[int, bool] = {}
-
-    @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.trainable_at[trainer.current_epoch] = pl_module.stem.weight.requires_grad
 
 
 def hand_plateau_epochs(values: list[float], patience: int, entries: int) -> list[int]:
@@ -61,17 +37,6 @@ def hand_plateau_epochs(values: list[float], patience: int, entries: int) -> lis
             if len(epochs) == entries:
                 break
     return epochs
-
-
-def plateau_freezing(lr_scale: float = 1.0) -> LayerFreezing:
-    when = {"plateau": "val_score", "mode": "min", "patience": 2}
-    return LayerFreezing(
-        frozen=["stem", "blocks"],
-        schedule=[
-            {"when": when, "unfreeze": "blocks", "lr_scale": lr_scale},
-            {"when": when, "unfreeze": "stem"},
-        ],
-    )
 
 
 def fit_scripted(callbacks: list[Callback], epochs: int, **kwargs: Any) -> ScriptedNet:
@@ -119,8 +84,8 @@ def test_plateau_entries_resume_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_plateau_entries_apply_at_rank0s_plateau_on_both_ddp_ranks(tmp_path: Path) -> None:
-    script = REPO / "tests" / "_ddp_script_plateau.py"
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=300, cwd=REPO)
+    script = "tests.helpers.ddp_scripts.plateau"
+    subprocess.run([sys.executable, "-m", script, str(tmp_path)], check=True, timeout=300, cwd=REPO)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     expected = hand_plateau_epochs(SCORES, patience=2, entries=2)[1]
     rank1_alone = hand_plateau_epochs([s + d for s, d in zip(SCORES, RANK1_SHIFT, strict=True)], patience=2, entries=2)

@@ -31,10 +31,10 @@ from lit_partial import (
     PartialBackpropMixin,
     SelectiveBackprop,
 )
-from lit_partial.examples.models import FFNBlock
+from lit_partial.demos.models import FFNBlock
 from lit_partial.functional import SavedTensorTracker, build_random_mask, select_topk
-from tests._acted import RecomputeRecorder, inner_modules
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.acted import RecomputeRecorder, inner_modules
 
 MASKED = "blocks.1.fc1.weight"
 

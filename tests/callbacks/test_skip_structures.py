@@ -23,9 +23,9 @@ from lit_partial import ConditionalSkip, PartialBackpropMixin, StochasticDepth
 from lit_partial.callbacks._output_layout import learn_layout, mix_rows, skipped_output
 from lit_partial.conditions import Probability, StepContext
 from lit_partial.errors import IncompatibleModuleError
-from tests._ddp_script_dynamic import tiny_loader
-from tests._resnet import ResNetModule, image_loader
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.models import tiny_loader
+from tests.helpers.resnet import ResNetModule, image_loader
 
 Out = namedtuple("Out", "hidden attn cache")
 

@@ -8,17 +8,12 @@ runs it in a subprocess with a timeout.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lit_partial.conditions import STATISTICS, Condition, StepContext, parse_condition
 from lit_partial.distributed import (

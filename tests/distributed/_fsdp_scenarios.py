@@ -15,7 +15,6 @@ under FSDP2 with a sharded checkpoint (a folder, the default) and with a full-st
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +29,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-if __name__ == "__main__":  # run as a script: make `lit_partial` and `tests` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from lit_partial import (
     ActivationDetach,
     ActivationMemoryMonitor,
@@ -44,9 +40,9 @@ from lit_partial import (
     SelectiveBackprop,
     StochasticDepth,
 )
+from lit_partial.demos.models import FFNBlock
 from lit_partial.distributed import full_tensor
-from lit_partial.examples.models import FFNBlock
-from tests._acted import RecomputeRecorder
+from tests.helpers.acted import RecomputeRecorder
 
 WIDTH = 16
 

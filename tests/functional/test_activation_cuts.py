@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lit_partial.examples import DigitsCNN, ResidualFFN
+from lit_partial.demos import DigitsCNN, ResidualFFN
 from lit_partial.functional import (
     SavedTensorTracker,
     UnsafeCheckpointError,
@@ -18,7 +18,7 @@ from lit_partial.functional import (
     saved_activation_bytes,
 )
 from lit_partial.selection import SelectorError
-from tests._acted import below, modules_called
+from tests.helpers.acted import below, modules_called
 
 B, W, N = 4, 16, 8
 UNIT = B * W * 4  # bytes of one (B, W) float32 activation

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_partial.examples.models import DigitsCNN, ResidualFFN
+from lit_partial.demos.models import DigitsCNN, ResidualFFN
 from lit_partial.functional import (
     count_flops,
     freeze,

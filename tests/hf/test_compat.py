@@ -20,8 +20,8 @@ from torch import nn
 
 from lit_partial import ActivationDetach, ActivationMemoryMonitor, ConditionalDetach, LayerFreezing, SelectiveBackprop
 from lit_partial.functional import SavedTensorTracker
-from tests._acted import RecomputeRecorder, below, modules_called
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
+from tests.helpers.acted import RecomputeRecorder, below, modules_called
 from tests.hf._models import FAMILIES, LAYERS, HFModule, build, loader
 
 pytestmark = pytest.mark.hf

@@ -1,11 +1,10 @@
-"""The PEFT presets (conf/partial/lora_*.yaml), each instantiated from its YAML and fitted on a tiny PEFT Llama.
+"""The PEFT presets (``conf/partial/lora_*.yaml`` of lit_partial.app), each instantiated and fitted on a tiny Llama.
 
 Independent of the main job's config tree: each file is loaded and instantiated on its own.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +16,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lit_partial.app.config import CONF_DIR
 from tests.helpers import quiet_trainer
 from tests.hf._models import VOCAB, HFModule, build, loader, lora
 
 pytestmark = pytest.mark.hf
-PRESETS = Path(__file__).resolve().parents[2] / "conf" / "partial"
+PRESETS = CONF_DIR / "partial"
 LR = 1e-2
 
 

@@ -1,7 +1,7 @@
 """The transformer benchmark's counters on a 4-layer Llama: each callback equals its hand-written version.
 
 Deterministic counters only (FLOPs per step, bytes saved for backward, AdamW state bytes), measured in real
-``Trainer.fit`` runs exactly as ``scripts/benchmark.py --only transformer`` measures them.
+``Trainer.fit`` runs exactly as ``python -m benchmarks --only transformer`` measures them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from scripts.bench import transformer as bench
+from benchmarks import transformer as bench
 
 
 @pytest.fixture(scope="module")
