@@ -15,8 +15,9 @@ PY := $(VENV)/bin/python
 STAMP_TRAIN := $(VENV)/.lit_partial-train
 STAMP_TEST := $(VENV)/.lit_partial-test
 STAMP_DEV := $(VENV)/.lit_partial-dev
+STAMP_DOCS := $(VENV)/.lit_partial-docs
 
-.PHONY: venv train compare test lint typecheck bench clean-venv
+.PHONY: venv train compare test lint typecheck bench docs clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ $(STAMP_DEV): pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@ $(STAMP_TEST) $(STAMP_TRAIN)
 
+$(STAMP_DOCS): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[docs]"
+	@touch $@
+
 train: $(STAMP_TRAIN)  ## pretrain on digits 0-4 (cached), fine-tune on 5-9 with the backbone frozen for epoch 0
 	$(PY) scripts/train.py partial=freeze_then_unfreeze $(OVERRIDES)
 
@@ -59,6 +64,9 @@ typecheck: $(STAMP_DEV)
 
 bench: $(STAMP_TRAIN)  ## the measured claims (benchmarks/, a checkout only): every section, results in benchmark_results/
 	$(PY) -m benchmarks
+
+docs: $(STAMP_DOCS)  ## the documentation site (docs/), warnings are errors: HTML in docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 clean-venv:
 	rm -rf .venv
