@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's lit_partial, not an installed o
 
 project = "lit_partial"
 author = "lit_partial contributors"
-copyright = "lit_partial contributors"  # noqa: A001
+copyright = "lit_partial contributors"
 release = "0.1.0"
 
 extensions = [
