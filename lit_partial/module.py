@@ -109,8 +109,13 @@ class PartialBackpropMixin:
             **defaults: Optimizer options for every group, e.g. ``lr=1e-3``.
 
         Example:
-            >>> def configure_optimizers(self):  # doctest: +SKIP
-            ...     return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
+            >>> import lightning as L, torch
+            >>> from lit_partial.demos import DigitsClassifier
+            >>> class Net(DigitsClassifier):  # a PartialBackpropMixin LightningModule
+            ...     def configure_optimizers(self):
+            ...         return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
+            >>> [(len(group["params"]), group["lr"]) for group in Net().partial_param_groups(lr=1e-3)]  # no trainer
+            [(11, 0.001)]
         """
         trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
         planners = [
@@ -142,8 +147,14 @@ class PartialBackpropMixin:
         :func:`lit_partial.tbptt.tbptt_training_step`.
 
         Example:
-            >>> def training_step(self, batch, batch_idx):  # doctest: +SKIP
-            ...     return self.tbptt_step(batch, k=4, step_fn=self.chunk_step)
+            >>> import lightning as L
+            >>> from lit_partial.demos import DigitsDataModule, DigitsRNN
+            >>> model = DigitsRNN(tbptt_steps=4)  # its training_step: self.tbptt_step(batch, k=4, step_fn=...)
+            >>> trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            ...                     enable_model_summary=False, limit_val_batches=0)
+            >>> trainer.fit(model, DigitsDataModule(sequence=True))
+            >>> trainer.global_step  # optimizer steps: one per chunk of 4 rows, 2 per batch of 8-row digits
+            2
         """
         from lit_partial.tbptt import tbptt_training_step  # the logic lives in tbptt.py
 

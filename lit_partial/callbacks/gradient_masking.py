@@ -22,7 +22,14 @@ Example:
     >>> cb = GradientMasking({"head.1.weight": {"kind": "rows", "index": [0, 1]},
     ...                       "backbone.*.0.weight": {"kind": "random", "keep": 0.1, "seed": 0},
     ...                       "re:.*bias": torch.tensor(1.0)})
-    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1)  # doctest: +SKIP
+    >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
+    >>> model = DigitsClassifier()
+    >>> head = model.head[1].weight.detach().clone()
+    >>> trainer = L.Trainer(callbacks=[cb], max_steps=2, logger=False, enable_checkpointing=False,
+    ...                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    >>> trainer.fit(model, DigitsDataModule())
+    >>> bool(torch.equal(model.head[1].weight[2:], head[2:])), bool(torch.equal(model.head[1].weight[:2], head[:2]))
+    (True, False)
 """
 
 from __future__ import annotations

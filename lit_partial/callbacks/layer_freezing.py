@@ -14,7 +14,14 @@ state for resume, and makes DDP correct:
 Example:
     >>> import lightning as L
     >>> cb = LayerFreezing(frozen="backbone", schedule=[{"epoch": 2, "unfreeze": "backbone.2", "lr_scale": 0.1}])
-    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=3)  # doctest: +SKIP
+    >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
+    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=3, limit_train_batches=1, logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ...                     limit_val_batches=0)
+    >>> model = DigitsClassifier()
+    >>> trainer.fit(model, DigitsDataModule())
+    >>> [next(model.backbone[i].parameters()).requires_grad for i in range(3)]  # backbone.2 released at epoch 2
+    [False, False, True]
 """
 
 from __future__ import annotations
