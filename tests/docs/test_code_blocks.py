@@ -258,3 +258,12 @@ def test_make_docs_builds_with_warnings_as_errors_in_ci() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci.index("make docs") > ci.index("make test")
     assert "docs/_build/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_every_public_callback_is_in_the_api_reference() -> None:
+    import lit_partial.callbacks
+
+    page = "".join((ROOT / "docs" / "api" / name).read_text() for name in ("callbacks.md", "extending.md"))
+    documented = set(re.findall(r"autoclass:: (?:\S+\.)?(\w+)$", page, flags=re.M))
+    missing = [name for name in lit_partial.callbacks.__all__ if name not in documented]
+    assert not missing, f"add `.. autoclass:: <name>` (and an autosummary line) to docs/api/callbacks.md for {missing}"
