@@ -30,7 +30,8 @@ KERNELS = ("mul", "addcmul", "_foreach_mul_")
 
 class CountMaskKernels:
     """Counts calls of the masking kernels (``torch.mul`` / ``addcmul`` / ``_foreach_mul_`` on integer views, which
-    only the bit-select kernels use) and the bytes of their tensors, by wrapping those torch functions.
+    only the bit-select kernels use) and the bytes they read and write (each tensor argument read once, ``out=``
+    and in-place targets written once), by wrapping those torch functions.
 
     A context manager; backward hooks included (a ``TorchFunctionMode`` is not active inside ``backward()``).
     """
@@ -57,6 +58,8 @@ class CountMaskKernels:
             if any(not (t.is_floating_point() or t.dtype == torch.bool) for t in tensors):
                 self.calls[name] = self.calls.get(name, 0) + 1
                 self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                if name.endswith("_"):  # in place: the first list is read and written
+                    self.bytes += sum(t.numel() * t.element_size() for t in args[0])
             return original(*args, **kwargs)
 
         return counted
