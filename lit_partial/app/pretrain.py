@@ -55,7 +55,7 @@ def _stage_overrides(cfg: DictConfig, group: str) -> dict[str, Any]:
     """``pretrain.<group>``: the settings of ``group`` the pretraining stage uses instead of the fine-tuning ones."""
     node = OmegaConf.to_container(cfg.pretrain.get(group) or {}, resolve=True)
     assert isinstance(node, dict)
-    return node
+    return {str(k): v for k, v in node.items()}
 
 
 def _key_settings(cfg: DictConfig) -> dict[str, Any]:

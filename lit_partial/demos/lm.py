@@ -94,7 +94,7 @@ class ByteLM(PartialBackpropMixin, L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lora_rank: int = 0,
-        lora_alpha: float = 16.0,
+        lora_alpha: int = 16,
         lora_targets: Sequence[str] = ("q_proj", "v_proj"),
         lora_dropout: float = 0.0,
     ) -> None:
@@ -120,7 +120,7 @@ class ByteLM(PartialBackpropMixin, L.LightningModule):
             import transformers
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("ByteLM needs transformers: pip install 'lit-partial[hf]'") from err
-        transformers.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # untyped in transformers
         config = transformers.LlamaConfig(
             vocab_size=VOCAB, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
@@ -133,7 +133,7 @@ class ByteLM(PartialBackpropMixin, L.LightningModule):
             lora = peft.LoraConfig(
                 r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_targets
             )
-            model = peft.get_peft_model(model, lora)  # type: ignore[arg-type]  # a PreTrainedModel
+            model = peft.get_peft_model(model, lora)
         self.model = model
 
     def pretrained_names(self) -> dict[str, str]:

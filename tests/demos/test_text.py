@@ -24,7 +24,7 @@ def test_the_corpus_is_the_pinned_text() -> None:
     assert {d: corpus_sha256(d) for d in TEXT_SHA256} == TEXT_SHA256
     corpus = load_corpus()
     assert (len(corpus["code"].encode()), len(corpus["prose"].encode())) == (160 * 1024, 128 * 1024)
-    assert "def " in corpus["code"] and "The \"if\" statement" in corpus["prose"]
+    assert "def " in corpus["code"] and 'The "if" statement' in corpus["prose"]
 
 
 @pytest.mark.skipif(sys.version.split()[0] != "3.11.7", reason="the corpus was cut from CPython 3.11.7's stdlib")
