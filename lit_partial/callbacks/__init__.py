@@ -10,9 +10,11 @@ from lit_partial.callbacks.conditional_skip import ConditionalSkip, StochasticDe
 from lit_partial.callbacks.cost_monitor import CostMonitor
 from lit_partial.callbacks.gradient_masking import GradientMasking
 from lit_partial.callbacks.layer_freezing import LayerFreezing
+from lit_partial.callbacks.lisa import LISA
 from lit_partial.callbacks.selective_backprop import SelectiveBackprop
 
 __all__: list[str] = [
+    "LISA",
     "ActivationDetach",
     "ActivationMemoryMonitor",
     "ConditionalDetach",
