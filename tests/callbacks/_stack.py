@@ -50,13 +50,13 @@ def plain_loop(
     active_at: Callable[[int], list[int]],
     drop_at: Callable[[int, list[int]], list[int]],
     interval: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     accumulate: int = 1,
 ) -> nn.Module:
     """Train ``model`` ``steps`` optimizer steps: at each period start, blocks ``active_at(step)`` train, the state of
     ``drop_at(step, active)`` is dropped. ``accumulate`` micro-batches per step (losses scaled as Lightning does)."""
     model = copy.deepcopy(model)
-    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = optimizer(model) if optimizer else torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     it = iter(batches)
     for step in range(steps):
         if step % interval == 0:
