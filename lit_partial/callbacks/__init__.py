@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lit_partial.callbacks.activation_detach import ActivationDetach
 from lit_partial.callbacks.activation_memory import ActivationMemoryMonitor
+from lit_partial.callbacks.adaptive_freezing import AdaptiveFreezing
 from lit_partial.callbacks.badam import BAdam
 from lit_partial.callbacks.base import Technique
 from lit_partial.callbacks.conditional_detach import ConditionalDetach
@@ -18,6 +19,7 @@ __all__: list[str] = [
     "LISA",
     "ActivationDetach",
     "ActivationMemoryMonitor",
+    "AdaptiveFreezing",
     "BAdam",
     "ConditionalDetach",
     "ConditionalSkip",

@@ -76,6 +76,7 @@ class UnitTechnique(Technique):
         self.unit_params: list[list[tuple[str, nn.Parameter]]] = []
         self.active: tuple[int, ...] | None = None  # units training now; None before the first switch
         self._trainer: L.Trainer | None = None
+        self._before: list[list[bool]] = []  # each unit parameter's requires_grad before the first switch
         self._reduce: list[nn.Parameter] = []  # trainable unit parameters whose gradients we average under DDP
         self._ddp = False
 
@@ -116,7 +117,9 @@ class UnitTechnique(Technique):
             self.unit_params.append(params)
         self.check_units(pl_module)
         self.active = None
-        before = [(p, p.requires_grad) for params in self.unit_params for _, p in params]
+        self._before = [[p.requires_grad for _, p in params] for params in self.unit_params]
+        before = [(p, flag) for params, flags in zip(self.unit_params, self._before, strict=True)
+                  for (_, p), flag in zip(params, flags, strict=True)]  # fmt: skip
 
         def restore() -> None:
             for p, flag in before:
@@ -155,11 +158,15 @@ class UnitTechnique(Technique):
         """Make exactly the units ``active`` trainable; with ``reset_optimizer_state``, units ``drop`` lose state.
 
         Inactive unit parameters get ``requires_grad=False`` and ``.grad=None`` (optimizers skip them: no update,
-        no weight decay, no momentum).
+        no weight decay, no momentum); active ones the ``requires_grad`` they had before the first switch.
         """
         chosen = tuple(sorted(set(active)))
         for i, params in enumerate(self.unit_params):
-            set_requires_grad([p for _, p in params], i in chosen)
+            if i in chosen:  # back to what it had before the first switch (a parameter frozen by you stays frozen)
+                for (_, p), flag in zip(params, self._before[i], strict=True):
+                    p.requires_grad_(flag)
+            else:
+                set_requires_grad([p for _, p in params], False)
         if self.reset_optimizer_state:
             dropped = [p for i in sorted(set(drop)) for _, p in self.unit_params[i]]
             optimizers = self._trainer.optimizers if self._trainer is not None else []
