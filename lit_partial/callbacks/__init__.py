@@ -11,6 +11,7 @@ from lit_partial.callbacks.cost_monitor import CostMonitor
 from lit_partial.callbacks.gradient_masking import GradientMasking
 from lit_partial.callbacks.layer_freezing import LayerFreezing
 from lit_partial.callbacks.selective_backprop import SelectiveBackprop
+from lit_partial.callbacks.token_selection import TokenSelection
 
 __all__: list[str] = [
     "ActivationDetach",
@@ -23,4 +24,5 @@ __all__: list[str] = [
     "SelectiveBackprop",
     "StochasticDepth",
     "Technique",
+    "TokenSelection",
 ]

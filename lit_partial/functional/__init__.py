@@ -53,6 +53,13 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
+from lit_partial.functional.token_selection import (
+    masked_token_mean,
+    num_kept_tokens,
+    select_tokens,
+    token_losses,
+    token_scores,
+)
 
 __all__ = [
     "MaskError",
@@ -98,3 +105,5 @@ __all__ = [
     "unfreeze",
     "update_history",
 ]
+
+__all__ += ["masked_token_mean", "num_kept_tokens", "select_tokens", "token_losses", "token_scores"]
