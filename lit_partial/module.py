@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 from lit_partial.attach import batch_transforms, gate_functions, record_gate, register_batch_transform, register_gate
 from lit_partial.errors import ConfigurationError
+from lit_partial.functional.token_selection import masked_token_mean
 from lit_partial.summary import format_summary, summarize, tie_notes
 
 __all__ = [
+    "TOKEN_LOSS_GATE",
     "ParamGroupPlanner",
     "PartialBackpropMixin",
     "attached_trainer",
@@ -48,6 +50,9 @@ __all__ = [
 warnings.filterwarnings(
     "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed"
 )
+
+#: The gate through which :meth:`PartialBackpropMixin.token_loss` hands per-token losses to ``TokenSelection``.
+TOKEN_LOSS_GATE = "lit_partial.token_loss"
 
 
 def attached_trainer(model: nn.Module) -> Any:
@@ -97,6 +102,23 @@ class PartialBackpropMixin:
             f"{type(self).__name__}.per_sample_loss(batch) is not implemented; SelectiveBackprop needs it to score "
             "samples. Fix: return the unreduced loss, e.g. `F.cross_entropy(self(x), y, reduction='none')`."
         )
+
+    def token_loss(self, losses: Tensor, valid: Tensor, batch: Any = None) -> Tensor:
+        """Reduce per-token losses ``(B, T)`` to the loss to backpropagate (the per-token loss seam).
+
+        The mean over the ``valid`` tokens (labels other than ``-100``); with ``TokenSelection`` attached, over the
+        tokens it keeps in training steps. Call it from ``training_step`` with the output of
+        :func:`lit_partial.functional.token_selection.token_losses`; pass ``batch`` when the selection needs a
+        reference (a reference model's inputs or a batch key of precomputed reference losses).
+
+        Example:
+            >>> import torch
+            >>> PartialBackpropMixin().token_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]))
+            tensor(1.)
+        """
+        for fn in gate_functions(self, TOKEN_LOSS_GATE):  # type: ignore[arg-type]  # a mixin: self is the module
+            return fn((losses, valid, batch))  # type: ignore[no-any-return]  # one TokenSelection at most
+        return masked_token_mean(losses, valid)
 
     def partial_param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
         """Optimizer parameter groups planned by the attached callbacks; pass them to your optimizer.
