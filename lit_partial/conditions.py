@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from lit_partial._plain import to_plain
+from lit_partial.distributed import any_rank, global_statistic, is_sharded
 from lit_partial.errors import ConditionError
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "Plateau",
     "Probability",
     "Statistic",
+    "StepCondition",
     "StepContext",
     "StepWindow",
     "metric_names",
@@ -100,7 +102,7 @@ class StepContext:
         batch_idx: The batch index within the epoch, so micro-batches of one optimizer step draw differently.
         training: False during validation, test and predict.
         sharded: True under a strategy that shards parameters (FSDP2): decisions that depend on per-rank data
-            are then taken once for all ranks (:func:`lit_partial.distributed.holds_on_all_ranks`).
+            are then taken once for all ranks (:meth:`Condition.agreed`).
         metrics: For metric conditions: each metric's values at the evaluations so far, oldest first
             (None: no metric recorded).
     """
@@ -115,8 +117,6 @@ class StepContext:
     @classmethod
     def from_trainer(cls, trainer: Any, batch_idx: int = 0) -> StepContext:
         """Read the context off a Lightning ``Trainer``."""
-        from lit_partial.distributed import is_sharded
-
         epoch, step, training = int(trainer.current_epoch), int(trainer.global_step), bool(trainer.training)
         return cls(epoch, step, int(batch_idx), training, is_sharded(trainer))
 
@@ -158,6 +158,17 @@ class Condition(ABC):
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:
         """Whether the condition holds at ``ctx`` (``x`` is the activation, ``salt`` the rule name)."""
 
+    def agreed(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:
+        """Decide once for all ranks: every rank returns the same bool (a collective: call it on every rank).
+
+        By default the condition holds when it holds on some rank (one all-reduce of the local decisions).
+        Conditions of the step alone agree by construction and answer locally; a statistic is decided on
+        :func:`~lit_partial.distributed.global_statistic` of the activation over all ranks; ``all`` / ``any``
+        combine their parts, each already agreed, so every rank runs the same collectives in the same order.
+        """
+        local = bool(self(ctx, x if self.needs_activation else None, salt=salt))
+        return any_rank(local, x.device if x is not None else None)
+
     @property
     def is_random(self) -> bool:
         """True when the decision uses a (seeded) draw."""
@@ -169,8 +180,15 @@ class Condition(ABC):
         return frozenset()
 
 
+class StepCondition(Condition):
+    """A condition of the step alone (epoch, step, seeded draw): the same on every rank by construction."""
+
+    def agreed(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return bool(self(ctx, None, salt=salt))
+
+
 @dataclass(frozen=True)
-class Always(Condition):
+class Always(StepCondition):
     """Holds at every step."""
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
@@ -178,7 +196,7 @@ class Always(Condition):
 
 
 @dataclass(frozen=True)
-class Never(Condition):
+class Never(StepCondition):
     """Holds at no step."""
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
@@ -186,7 +204,7 @@ class Never(Condition):
 
 
 @dataclass(frozen=True)
-class EpochWindow(Condition):
+class EpochWindow(StepCondition):
     """Holds while ``start <= epoch < end`` (``end=None``: open-ended)."""
 
     start: int
@@ -197,7 +215,7 @@ class EpochWindow(Condition):
 
 
 @dataclass(frozen=True)
-class StepWindow(Condition):
+class StepWindow(StepCondition):
     """Holds while ``start <= global_step < end`` (``end=None``: open-ended)."""
 
     start: int
@@ -208,7 +226,7 @@ class StepWindow(Condition):
 
 
 @dataclass(frozen=True)
-class EveryNSteps(Condition):
+class EveryNSteps(StepCondition):
     """Holds when ``global_step % n == offset``."""
 
     n: int
@@ -219,7 +237,7 @@ class EveryNSteps(Condition):
 
 
 @dataclass(frozen=True, repr=False)
-class Probability(Condition):
+class Probability(StepCondition):
     """Holds with probability ``p``; the draw depends only on ``(seed, salt, global_step, batch_idx)``.
 
     With ``warmup_steps = n > 0`` the probability ramps linearly from 0 at step 0 to ``p`` at step ``n``
@@ -296,6 +314,11 @@ class Statistic(Condition):
         with torch.no_grad():
             return bool(COMPARISONS[self.op](STATISTICS[self.stat](x.detach().float(), None), self.value))
 
+    def agreed(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        if x is None:
+            return super().agreed(ctx, x, salt=salt)
+        return bool(COMPARISONS[self.op](global_statistic(self.stat, x), self.value))
+
     def per_sample(self, x: Tensor) -> Tensor:
         """The condition per batch row: a bool tensor of shape ``(x.shape[0],)``."""
         with torch.no_grad():
@@ -312,6 +335,9 @@ class AllOf(Condition):
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
         return all(c(ctx, x, salt=salt) for c in self.conditions)
+
+    def agreed(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return all(c.agreed(ctx, x, salt=salt) for c in self.conditions)
 
     @property
     def needs_activation(self) -> bool:  # type: ignore[override]  # a property over the base's class attribute  # noqa: D102
@@ -332,6 +358,9 @@ class AnyOf(AllOf):
 
     def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
         return any(c(ctx, x, salt=salt) for c in self.conditions)
+
+    def agreed(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:  # noqa: D102
+        return any(c.agreed(ctx, x, salt=salt) for c in self.conditions)
 
 
 def _history(ctx: StepContext, name: str) -> Sequence[float]:

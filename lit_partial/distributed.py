@@ -1,6 +1,6 @@
 """Multi-process helpers: which strategies we support, rank-consistent decisions, and sharded tensors.
 
-Decisions that change the autograd graph must agree across ranks (DESIGN §4.4). Random decisions are
+Decisions that change the autograd graph must agree across ranks. Random decisions are
 seeded from the global step (:mod:`lit_partial.conditions`), so they agree by construction; the helpers
 here cover what has to be communicated.
 
@@ -14,8 +14,8 @@ Two families of multi-process strategies are supported:
   shard, and every forward/backward issues all-gathers and reduce-scatters per sharded module. Ranks that
   decide differently whether a module runs or gets a gradient issue different collectives and hang, so under
   this family every graph-changing decision that depends on per-rank data is reduced first
-  (:func:`holds_on_all_ranks`: a statistic is computed over all ranks' activations). Masks and other
-  per-parameter tensors are sharded like their parameter (:func:`shard_like`), and the tensor kernels work
+  (:meth:`lit_partial.conditions.Condition.agreed`: a statistic is computed over all ranks' activations). Masks
+  and other per-parameter tensors are sharded like their parameter (:func:`shard_like`), and the tensor kernels work
   on the local shards (:func:`local_tensor`).
 
 Lightning call order, which the callbacks rely on: ``Callback.setup`` runs before
@@ -368,49 +368,26 @@ def global_statistic(stat: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown statistic {stat!r}; expected mean, abs_mean, max, min, std or norm.")
 
 
-def holds_on_all_ranks(condition: Any, ctx: Any, x: torch.Tensor | None, salt: str = "") -> bool:
-    """Decide ``condition`` once for all ranks: every rank returns the same bool (call on every rank).
-
-    Conditions that are functions of the step only (windows, every-n, seeded probability, always/never) are
-    evaluated locally: they agree by construction, without communication. A statistic condition is decided
-    on :func:`global_statistic` of the activation over all ranks. Any other condition (e.g. one reading a
-    per-rank value) holds when it holds on some rank (an all-reduce of the local decisions). ``all`` / ``any``
-    combine their parts, each already agreed, so every rank runs the same collectives in the same order.
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """Whether ``flag`` is True on some rank (one all-reduce; call on every rank). ``flag`` when not distributed.
 
     Args:
-        condition: A :class:`lit_partial.conditions.Condition`.
-        ctx: The :class:`lit_partial.conditions.StepContext`.
-        x: The activation the condition looks at (needed by statistics).
-        salt: The rule's name (seeds probability draws).
+        flag: This rank's value.
+        device: Where the collective's tensor lives (default: the device of the default group's backend).
     """
-    from lit_partial.conditions import (
-        COMPARISONS,
-        AllOf,
-        Always,
-        AnyOf,
-        EpochWindow,
-        EveryNSteps,
-        Never,
-        Probability,
-        Statistic,
-        StepWindow,
-    )
-
-    if isinstance(condition, Always | Never | EpochWindow | StepWindow | EveryNSteps | Probability):
-        return bool(condition(ctx, None, salt=salt))
-    if isinstance(condition, Statistic) and x is not None:
-        return bool(COMPARISONS[condition.op](global_statistic(condition.stat, x), condition.value))
-    if isinstance(condition, AnyOf):  # before AllOf: AnyOf subclasses it
-        return any(holds_on_all_ranks(c, ctx, x, salt) for c in condition.conditions)
-    if isinstance(condition, AllOf):
-        return all(holds_on_all_ranks(c, ctx, x, salt) for c in condition.conditions)
-    local = bool(condition(ctx, x if condition.needs_activation else None, salt=salt))
     if world_size() == 1:
-        return local
-    device = x.device if x is not None else _collective_device()
-    flag = torch.tensor([float(local)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return bool(flag)
+    value = torch.tensor([float(flag)], device=device if device is not None else _collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def holds_on_all_ranks(condition: Any, ctx: Any, x: torch.Tensor | None, salt: str = "") -> bool:
+    """Decide ``condition`` once for all ranks (call on every rank): ``condition.agreed(ctx, x, salt=salt)``.
+
+    Kept for its import path; the behaviour lives on each condition (:meth:`lit_partial.conditions.Condition.agreed`).
+    """
+    return bool(condition.agreed(ctx, x, salt=salt))
 
 
 def _collective_device() -> torch.device:
@@ -420,7 +397,7 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ += ["global_statistic", "holds_on_all_ranks"]
+__all__ += ["any_rank", "global_statistic", "holds_on_all_ranks"]
 
 
 # --- per-rank state in checkpoints -------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.attach import watch_gates
 from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import (
@@ -37,6 +36,7 @@ from lit_partial.conditions import (
 from lit_partial.distributed import allow_unused_parameters, holds_on_all_ranks
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
+from lit_partial.handles import watch_gates
 from lit_partial.module import PartialBackpropMixin
 from lit_partial.selection import CLASS_PREFIX, SelectorError, as_selector_list, canonical_name, select_modules
 from lit_partial.tree import first_tensor

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.attach import wrap_forward
 from lit_partial.callbacks._output_layout import (
     SAME_AS_INPUT,
     OutputLayout,
@@ -27,6 +26,7 @@ from lit_partial.callbacks._output_layout import (
 from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, may_hold, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
+from lit_partial.handles import wrap_forward
 from lit_partial.selection import Selectors, as_selector_list, canonical_name, select_modules
 
 __all__ = ["DROP_DISTRIBUTIONS", "ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]

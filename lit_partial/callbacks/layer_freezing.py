@@ -34,7 +34,6 @@ from typing_extensions import override
 
 from lit_partial._compat import ddp_ignored_names, is_running_stats_norm, set_ddp_ignored_names
 from lit_partial._plain import to_plain
-from lit_partial.attach import Handle
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
     callback_yaml,
@@ -70,6 +69,7 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
+from lit_partial.handles import Handle
 from lit_partial.module import attached_trainer
 from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
