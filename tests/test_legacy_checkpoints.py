@@ -35,3 +35,13 @@ def test_fixtures_are_small() -> None:
     sizes = {path.name: path.stat().st_size for path in FIXTURES.glob("*.ckpt")}
     assert set(sizes) == {f"{case}.ckpt" for case in CASES}
     assert max(sizes.values()) < 50_000, sizes
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_new_checkpoints_record_plain_data_and_their_keys_hold_no_repr(case: str) -> None:
+    for cb in CASES[case][0]():
+        record = cb.state_dict()["lit_partial"]  # type: ignore[attr-defined]  # a Technique
+        for text in (cb.state_key, repr(record["config"])):
+            assert not any(name in text for name in ("Rule(", "Probability(", "EveryNSteps(", "AllOf(")), text
+        legacy = cb.legacy_state_key  # type: ignore[attr-defined]  # a Technique
+        assert legacy is None or legacy.startswith(type(cb).__qualname__)

@@ -43,6 +43,19 @@ class Rule:
     grad_scale: float = 0.0
     per_sample: bool = False
 
+    def to_spec(self, *, grad_scale: bool = True) -> dict[str, Any]:
+        """The rule as the plain data it parses from, every default filled in (``grad_scale`` where rules have it).
+
+        Example:
+            >>> parse_rules({"stem": {"steps": [0, 2]}}, who="X", allow_grad_scale=True)["stem"].to_spec()
+            {'when': {'steps': [0, 2]}, 'grad_scale': 0.0, 'per_sample': False}
+        """
+        spec: dict[str, Any] = {"when": self.condition.to_spec()}
+        if grad_scale:
+            spec["grad_scale"] = self.grad_scale
+        spec["per_sample"] = self.per_sample
+        return spec
+
     @property
     def cuts_graph(self) -> bool:
         """True when the rule can leave upstream parameters without any gradient on some step."""
@@ -297,6 +310,11 @@ class DynamicGraphCallback(Technique):
 
     @override
     def config(self) -> dict[str, Any]:
+        return {"rules": {key: rule.to_spec() for key, rule in self.rules.items()}}
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded each rule as repr(Rule(...)).
         return {"rules": {key: repr(rule) for key, rule in self.rules.items()}}
 
     def fractions(self) -> dict[str, float]:

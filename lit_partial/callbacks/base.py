@@ -22,6 +22,8 @@ every technique needs and none should write again:
   own callbacks) is refused with a :class:`~lit_partial.errors.CheckpointMismatchError` naming what changed,
   and so is a saved configuration that differs under the same key. ``accept_config_change=True`` discards the
   old state instead, with a warning, and applies the new configuration from the resumed step.
+  The configuration is the validated user spec as plain data; checkpoints written when it was ``repr()`` of
+  internal objects still resume through :meth:`Technique.legacy_config` (see :mod:`lit_partial._checkpoint`).
 * **Reporting.** :meth:`run_summary` says what the technique did over the run, in a few lines.
 
 See ``docs/adding_a_technique.md`` for a worked example.

@@ -327,17 +327,23 @@ class StochasticDepth(ConditionalSkip):
 
     @override
     def config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
+        return {
             "blocks": self.blocks,
             "drop_rate": self.drop_rate,
             "seed": self.seed,
             "per_sample": self.per_sample,
+            "drop_warmup": self.drop_warmup,
+            "drop_distribution": self.drop_distribution,
         }
-        # Only where set, so checkpoints from before these options still resume (their state key is unchanged).
-        if self.drop_warmup:
-            config["drop_warmup"] = self.drop_warmup
-        if self.drop_distribution != "linear":
-            config["drop_distribution"] = self.drop_distribution
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded the two later options only where set.
+        config = self.config()
+        if not self.drop_warmup:
+            del config["drop_warmup"]
+        if self.drop_distribution == "linear":
+            del config["drop_distribution"]
         return config
 
     @override

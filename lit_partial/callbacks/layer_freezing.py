@@ -113,12 +113,17 @@ def _split_name(group: dict[str, Any], index: int, several: bool, phase: str) ->
     return f"pg{index + 1}/{phase}" if several else phase
 
 
-def _entry_config(entry: ScheduleEntry) -> dict[str, Any]:
-    """A schedule entry as plain data; ``when`` only where set (so checkpoints from before it still resume)."""
-    config = dataclasses.asdict(entry)
-    when = config.pop("when")
-    if when is not None:
-        config["when"] = repr(entry.when)  # the class tells AllOf from AnyOf, Metric from Plateau
+def _entry_config(entry: ScheduleEntry, *, legacy: bool = False) -> dict[str, Any]:
+    """A schedule entry as plain data, its condition as the spec it parses from (None for epoch and step entries).
+
+    ``legacy``: as checkpoints written before configurations were plain data recorded it (``when`` only where set,
+    as ``repr()`` of the condition).
+    """
+    config = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name != "when"}
+    if not legacy:
+        config["when"] = entry.when.to_spec() if entry.when is not None else None
+    elif entry.when is not None:
+        config["when"] = repr(entry.when)
     return config
 
 
@@ -312,6 +317,10 @@ class LayerFreezing(Technique):
             "schedule": [_entry_config(entry) for entry in self.schedule],
             "train_bn": self.train_bn,
         }
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        return {**self.config(), "schedule": [_entry_config(entry, legacy=True) for entry in self.schedule]}
 
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
