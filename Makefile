@@ -58,6 +58,7 @@ test: $(STAMP_TEST)
 lint: $(STAMP_DEV)
 	$(PY) -m ruff check lit_partial benchmarks examples tests scripts
 	$(PY) -m ruff format --check lit_partial benchmarks examples tests scripts
+	$(VENV)/bin/lint-imports  ## the one-way layers of [tool.importlinter] in pyproject.toml
 
 typecheck: $(STAMP_DEV)
 	$(PY) -m mypy lit_partial
