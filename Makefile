@@ -58,6 +58,7 @@ test: $(STAMP_TEST)
 lint: $(STAMP_DEV)
 	$(PY) -m ruff check lit_partial benchmarks examples tests scripts
 	$(PY) -m ruff format --check lit_partial benchmarks examples tests scripts
+	$(VENV)/bin/lint-imports  ## the one-way layers of [tool.importlinter] in pyproject.toml
 
 typecheck: $(STAMP_DEV)
 	$(PY) -m mypy lit_partial
@@ -70,3 +71,16 @@ docs: $(STAMP_DOCS)  ## the documentation site (docs/), warnings are errors: HTM
 
 clean-venv:
 	rm -rf .venv
+
+# The LLM job (experiment=lm, docs/lm_job.md): a byte-level Llama pretrained on Python source (cached), fine-tuned
+# on English prose with each preset of COMPARE_LM; one Hydra multirun, then comparison.md/.png in the sweep folder.
+COMPARE_LM ?= none,lm/freeze_bottom,lm/freeze_tuning,lm/detach_bottom,lm/lora,[lm/lora,lora_fa],lm/checkpoint,lm/selective_checkpoint
+STAMP_LM := $(VENV)/.lit_partial-lm
+
+$(STAMP_LM): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[demo,hf]"
+	@touch $@ $(STAMP_TRAIN)
+
+.PHONY: compare-lm
+compare-lm: $(STAMP_LM)  ## every LLM preset of COMPARE_LM on the same job, then the bits-per-byte-vs-cost report
+	$(PY) scripts/train.py -m experiment=lm 'partial=$(COMPARE_LM)' $(OVERRIDES)

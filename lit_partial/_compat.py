@@ -157,3 +157,11 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
         setattr(module, DDP_IGNORE_ATTR, list(names))
     elif DDP_IGNORE_ATTR in module.__dict__:
         delattr(module, DDP_IGNORE_ATTR)
+
+
+def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``torch._foreach_add_``: add ``others`` into ``tensors`` in one C++ call (AdaptiveFreezing's gradient sums)."""
+    torch._foreach_add_(list(tensors), list(others))
+
+
+__all__ += ["foreach_add_"]

@@ -27,15 +27,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from lit_partial.attach import batch_transforms, gate_functions, record_gate, register_batch_transform, register_gate
+from lit_partial._checkpoint import check_checkpoint_techniques, claim_legacy_states, is_technique
 from lit_partial.errors import ConfigurationError
+from lit_partial.functional.token_selection import masked_token_mean
+from lit_partial.handles import (
+    batch_transforms,
+    gate_functions,
+    record_gate,
+    register_batch_transform,
+    register_gate,
+)
 from lit_partial.summary import format_summary, summarize, tie_notes
+from lit_partial.tbptt import tbptt_training_step
 
 __all__ = [
+    "TOKEN_LOSS_GATE",
     "ParamGroupPlanner",
     "PartialBackpropMixin",
     "attached_trainer",
@@ -48,6 +58,9 @@ __all__ = [
 warnings.filterwarnings(
     "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed"
 )
+
+#: The gate through which :meth:`PartialBackpropMixin.token_loss` hands per-token losses to ``TokenSelection``.
+TOKEN_LOSS_GATE = "lit_partial.token_loss"
 
 
 def attached_trainer(model: nn.Module) -> Any:
@@ -75,6 +88,9 @@ class PartialBackpropMixin:
     the checkpoint, so it cooperates with any ``super().__init__()`` chain.
     """
 
+    #: Tells :func:`register_batch_transform` that this class runs them (``lit_partial.handles`` imports no mixin).
+    __lit_partial_batch_transforms__: ClassVar[bool] = True
+
     def gate(self, name: str, x: Any) -> Any:
         """A named point in ``forward``: returns ``x`` unchanged unless a callback rules on ``name``.
 
@@ -97,6 +113,23 @@ class PartialBackpropMixin:
             f"{type(self).__name__}.per_sample_loss(batch) is not implemented; SelectiveBackprop needs it to score "
             "samples. Fix: return the unreduced loss, e.g. `F.cross_entropy(self(x), y, reduction='none')`."
         )
+
+    def token_loss(self, losses: Tensor, valid: Tensor, batch: Any = None) -> Tensor:
+        """Reduce per-token losses ``(B, T)`` to the loss to backpropagate (the per-token loss seam).
+
+        The mean over the ``valid`` tokens (labels other than ``-100``); with ``TokenSelection`` attached, over the
+        tokens it keeps in training steps. Call it from ``training_step`` with the output of
+        :func:`lit_partial.functional.token_selection.token_losses`; pass ``batch`` when the selection needs a
+        reference (a reference model's inputs or a batch key of precomputed reference losses).
+
+        Example:
+            >>> import torch
+            >>> PartialBackpropMixin().token_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]]))
+            tensor(1.)
+        """
+        for fn in gate_functions(self, TOKEN_LOSS_GATE):  # type: ignore[arg-type]  # a mixin: self is the module
+            return fn((losses, valid, batch))  # type: ignore[no-any-return]  # one TokenSelection at most
+        return masked_token_mean(losses, valid)
 
     def partial_param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
         """Optimizer parameter groups planned by the attached callbacks; pass them to your optimizer.
@@ -156,8 +189,6 @@ class PartialBackpropMixin:
             >>> trainer.global_step  # optimizer steps: one per chunk of 4 rows, 2 per batch of 8-row digits
             2
         """
-        from lit_partial.tbptt import tbptt_training_step  # the logic lives in tbptt.py
-
         return tbptt_training_step(self, batch, k, step_fn, **kwargs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -177,9 +208,9 @@ class PartialBackpropMixin:
             CheckpointMismatchError: Naming the technique whose state would be dropped and the fix.
         """
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]  # mixin: LightningModule next
-        from lit_partial.callbacks.base import Technique, check_checkpoint_techniques  # imported late: a cycle
-
         trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
-        callbacks = trainer.callbacks if trainer is not None else []
-        if not any(isinstance(cb, Technique) for cb in callbacks):
+        techniques = [cb for cb in (trainer.callbacks if trainer is not None else []) if is_technique(cb)]
+        # Runs before any callback hook: states saved under a legacy key reach their technique without a warning.
+        claim_legacy_states(checkpoint, techniques)
+        if not techniques:
             check_checkpoint_techniques(checkpoint, [])

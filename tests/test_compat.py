@@ -185,3 +185,10 @@ def test_fully_shard_swaps_a_module_class_for_an_fsdp_subclass_that_keeps_the_na
     sharded = type("FSDPLinear", (FSDPModule, nn.Linear), {})  # what fully_shard makes, as the run above shows
     assert _compat.module_class_names(sharded) == ("FSDPLinear", "Linear")
     assert _compat.module_class_names(nn.Linear) == ("Linear",)
+
+
+def test_foreach_add_adds_in_place() -> None:
+    assert hasattr(torch, "_foreach_add_"), upgrade("torch._foreach_add_")
+    a, b = [torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.zeros(3)]
+    _compat.foreach_add_(a, b)
+    assert a[0].tolist() == [3.0, 3.0] and a[1].tolist() == [1.0, 1.0, 1.0], upgrade("torch._foreach_add_")

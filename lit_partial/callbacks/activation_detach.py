@@ -110,11 +110,16 @@ class ActivationDetach(Technique):
     @override
     def config(self) -> dict[str, Any]:
         return {
-            "at": {key: repr(rule) for key, rule in self.at.items()},
+            "at": {key: rule.to_spec(grad_scale=False) for key, rule in self.at.items()},
             "checkpoint": self.checkpoint,
             "offload": self.offload,
             "segments": self.segments,
         }
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded each rule as repr(Rule(...)).
+        return {**self.config(), "at": {key: repr(rule) for key, rule in self.at.items()}}
 
     def _is_active(self) -> bool:
         return self._active

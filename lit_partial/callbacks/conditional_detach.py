@@ -6,7 +6,6 @@ from typing import Any
 
 from torch import nn
 
-from lit_partial.attach import register_gate
 from lit_partial.callbacks._rules import (
     GATE_PREFIX,
     DynamicGraphCallback,
@@ -15,6 +14,7 @@ from lit_partial.callbacks._rules import (
     parse_rules,
     resolve_targets,
 )
+from lit_partial.handles import register_gate
 
 __all__ = ["ConditionalDetach"]
 

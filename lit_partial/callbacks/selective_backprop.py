@@ -48,7 +48,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from lit_partial.attach import register_batch_transform
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import uniform_draw
 from lit_partial.distributed import gather_objects, rank, world_size
@@ -64,6 +63,7 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
+from lit_partial.handles import register_batch_transform
 from lit_partial.module import PartialBackpropMixin
 
 __all__ = ["SelectiveBackprop"]

@@ -13,6 +13,12 @@ from lit_partial.functional.activation_cuts import (
     offload_modules,
 )
 from lit_partial.functional.activations import SavedTensorTracker, saved_activation_bytes
+from lit_partial.functional.drop_backward import (
+    allocate_drop_rates,
+    draw_drop_set,
+    drop_branch_outputs,
+    weighted_drop_rate,
+)
 from lit_partial.functional.freezing import (
     freeze,
     frozen_parameter_names,
@@ -52,6 +58,13 @@ from lit_partial.functional.selection_sampling import (
     slice_batch,
     take_pooled,
     update_history,
+)
+from lit_partial.functional.token_selection import (
+    masked_token_mean,
+    num_kept_tokens,
+    select_tokens,
+    token_losses,
+    token_scores,
 )
 
 __all__ = [
@@ -98,3 +111,6 @@ __all__ = [
     "unfreeze",
     "update_history",
 ]
+
+__all__ += ["masked_token_mean", "num_kept_tokens", "select_tokens", "token_losses", "token_scores"]
+__all__ += ["allocate_drop_rates", "draw_drop_set", "drop_branch_outputs", "weighted_drop_rate"]
