@@ -114,5 +114,5 @@ class ActivationMemoryMonitor(Technique):
             tracker.__exit__(None, None, None)
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._close()
