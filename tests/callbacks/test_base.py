@@ -179,4 +179,4 @@ def test_a_technique_overriding_detach_is_warned_once_and_still_cleaned_up() -> 
 
     model = TinyNet()
     quiet_trainer(max_steps=1, callbacks=[OldStyle()]).fit(model, tiny_loader())
-    assert calls == ["detach"]  # teardown called the old hook through cleanup()
+    assert calls == ["detach", "detach"]  # setup (a second fit starts clean) and teardown, through cleanup()
