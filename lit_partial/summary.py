@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lit_partial.errors import ConfigurationError
-from lit_partial.selection import tied_parameter_names
+from lit_partial.selectors import tied_parameter_names
 
 __all__ = ["SummaryRow", "format_summary", "record_masked", "summarize", "tie_notes"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lit_partial.callbacks.activation_detach import ActivationDetach
-from lit_partial.callbacks.activation_memory import ActivationMemoryMonitor
+from lit_partial.callbacks.activation_memory_monitor import ActivationMemoryMonitor
 from lit_partial.callbacks.base import Technique
 from lit_partial.callbacks.conditional_detach import ConditionalDetach
 from lit_partial.callbacks.conditional_skip import ConditionalSkip, StochasticDepth

@@ -18,7 +18,7 @@ from lit_partial.conditions import StepContext
 from lit_partial.distributed import allow_unused_parameters
 from lit_partial.errors import ConfigurationError
 from lit_partial.handles import watch_gates
-from lit_partial.selection import SelectorError, canonical_name
+from lit_partial.selectors import SelectorError, canonical_name
 
 __all__ = ["ConditionalTechnique", "DynamicGraphCallback"]
 

@@ -29,7 +29,7 @@ from typing import Any
 from lit_partial._plain import to_plain
 from lit_partial.conditions import Condition, parse_condition
 from lit_partial.errors import ConditionError, ConfigurationError
-from lit_partial.selection import as_selector_list
+from lit_partial.selectors import as_selector_list
 
 __all__ = [
     "ScheduleEntry",

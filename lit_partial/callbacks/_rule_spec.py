@@ -19,7 +19,7 @@ from lit_partial.conditions import Condition, parse_condition
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
 from lit_partial.module import PartialBackpropMixin
-from lit_partial.selection import CLASS_PREFIX, SelectorError, as_selector_list, select_modules
+from lit_partial.selectors import CLASS_PREFIX, SelectorError, as_selector_list, select_modules
 from lit_partial.tree import first_tensor
 
 __all__ = ["GATE_PREFIX", "Rule", "apply_decision", "may_hold", "parse_rules", "resolve_targets"]

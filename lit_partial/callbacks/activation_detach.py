@@ -17,7 +17,7 @@ from lit_partial.callbacks._rule_spec import Rule, apply_decision, parse_rules
 from lit_partial.conditions import StepContext
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
-from lit_partial.selection import Selectors, as_selector_list, preview, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, preview, select_modules
 
 __all__ = ["ActivationDetach"]
 

@@ -73,7 +73,7 @@ from lit_partial.conditions import StepContext
 from lit_partial.distributed import DEFAULT_FAMILIES, check_supported_strategy
 from lit_partial.errors import CheckpointMismatchError, ConfigurationError
 from lit_partial.handles import Handles
-from lit_partial.selection import gc_paused
+from lit_partial.selectors import gc_paused
 
 __all__ = ["Technique", "check_checkpoint_techniques"]
 

@@ -61,7 +61,7 @@ from lit_partial.functional.freezing import (
     trainable_parameter_count,
 )
 from lit_partial.module import attached_trainer
-from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
+from lit_partial.selectors import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
 
