@@ -45,9 +45,8 @@ from lit_partial.callbacks._freezing_schedule import (
 )
 from lit_partial.callbacks._group_state import (
     Layout,
-    carry_over,
-    optimizer_layout,
-    remap_scheduler_state,
+    optimizer_layouts,
+    remap_resumed_groups,
 )
 from lit_partial.callbacks._param_groups import plan_phase_groups, scale_unplanned_groups, warn_on_unoptimized
 from lit_partial.callbacks.base import Technique
@@ -60,7 +59,6 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
-from lit_partial.module import attached_trainer
 from lit_partial.selectors import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
@@ -142,7 +140,7 @@ class LayerFreezing(Technique):
         self.trainable_params: int | None = None
         self._applied_eval: list[int | None] = [None] * len(self.schedule)  # evaluations recorded when applied
         self._when_checked: int | None = None  # the epoch whose start checked the `when` entries
-        # accept_config_change: the checkpoint being resumed and its optimizers' group layouts (see _remap_groups)
+        # accept_config_change: the resumed checkpoint and its optimizers' group layouts (see remap_resumed_groups)
         self._changed_from: tuple[dict[str, Any], list[Layout | None]] | None = None
 
     @override
@@ -383,7 +381,7 @@ class LayerFreezing(Technique):
         warn_on_unoptimized(trainer, pl_module, later)
         if any(entry.lr_scale != 1.0 for entry in self.schedule):
             scale_unplanned_groups(trainer, self.plan_param_groups(pl_module, {"lr": 1.0}))
-        self._remap_groups(trainer, pl_module)
+        self._changed_from = remap_resumed_groups(trainer, pl_module, self._changed_from)
 
     @override
     def on_before_optimizer_step(
@@ -518,17 +516,8 @@ class LayerFreezing(Technique):
             "held_norms": sorted(n for n, h in self._held.items() if h),
             "events": list(self._events),
             "applied_eval": list(self._applied_eval),
-            "optimizer_layouts": self._optimizer_layouts(model),
+            "optimizer_layouts": optimizer_layouts(model),
         }
-
-    @staticmethod
-    def _optimizer_layouts(model: nn.Module | None) -> list[Layout]:
-        """Each optimizer's groups by name and parameter names: what a changed configuration remaps from."""
-        trainer = attached_trainer(model) if model is not None else None
-        if trainer is None or not trainer.optimizers:
-            return []
-        names = {id(p): n for n, p in model.named_parameters()}  # type: ignore[union-attr]  # not None: trainer
-        return [optimizer_layout(optimizer, names) for optimizer in trainer.optimizers]
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
@@ -568,7 +557,7 @@ class LayerFreezing(Technique):
             return
         # Our configuration changed (our state is not there under our key), and we accept it: the groups this run
         # builds may differ from the checkpoint's. Lightning restores the optimizer states from this very dict
-        # after on_fit_start, where the groups are built: _remap_groups rewrites them there.
+        # after on_fit_start, where the groups are built: remap_resumed_groups rewrites them there.
         saved = [
             state
             for state in states.values()
@@ -578,52 +567,4 @@ class LayerFreezing(Technique):
         ]
         self._changed_from = (checkpoint, saved[0]["optimizer_layouts"] if saved else [])
         if trainer.strategy.restore_checkpoint_after_setup:  # the optimizers exist already (on_fit_start has run)
-            self._remap_groups(trainer, pl_module)
-
-    def _remap_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Rewrite the resumed checkpoint's optimizer and scheduler states into this run's group layout.
-
-        Only after a configuration change accepted with ``accept_config_change=True``. Per-parameter state follows
-        the parameter by name, groups in both layouts keep their hyperparameters at the new configured rate, new
-        groups start as built (see :mod:`lit_partial.callbacks._group_state`). A checkpoint without a record of its
-        groups (made before LayerFreezing recorded them) whose layout differs cannot be mapped: its optimizer state
-        is dropped, with a warning.
-        """
-        if self._changed_from is None or not trainer.optimizers:
-            return
-        checkpoint, layouts = self._changed_from
-        self._changed_from = None
-        states, schedulers = checkpoint.get("optimizer_states"), checkpoint.get("lr_schedulers")
-        if not trainer.strategy.lightning_restore_optimizer or not isinstance(states, list):
-            return  # the strategy loads optimizer states itself, before callbacks see the checkpoint (FSDP2)
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        for k, (optimizer, saved) in enumerate(zip(trainer.optimizers, states, strict=False)):
-            layout = optimizer_layout(optimizer, names)
-            old = layouts[k] if k < len(layouts) else None
-            if old == layout:
-                continue
-            carried, how = carry_over(saved, old, optimizer.state_dict(), layout)
-            if carried is None:
-                continue  # the same group sizes and no record: Lightning loads it as it did before groups were recorded
-            states[k] = carried
-            if how == "dropped":
-                rank_zero_warn(
-                    f"LayerFreezing (accept_config_change=True): the checkpoint's optimizer {k} has another group "
-                    f"layout ({[len(g['params']) for g in saved['param_groups']]} parameters per group, now "
-                    f"{[len(g['params']) for g in layout]}) and does not record which parameters its groups held "
-                    "(it predates that record), so its optimizer state is dropped: the optimizer starts fresh."
-                )
-            lrs = [group["lr"] for group in states[k]["param_groups"]]
-            for j, config in enumerate(trainer.lr_scheduler_configs):
-                if config.scheduler.optimizer is optimizer and isinstance(schedulers, list) and j < len(schedulers):
-                    schedulers[j] = remap_scheduler_state(
-                        schedulers[j], config.scheduler.state_dict(), lrs, len(saved["param_groups"])
-                    )
-            if k < len(layouts):
-                layouts[k] = layout  # remapped: another LayerFreezing of this run finds nothing left to do
-            if how == "kept":
-                rank_zero_info(
-                    f"LayerFreezing (accept_config_change=True): optimizer {k}'s groups changed from "
-                    f"{[g.get('name') for g in saved['param_groups']]} to {[g['name'] for g in layout]}; each "
-                    "parameter keeps its optimizer state, groups in both keep their hyperparameters."
-                )
+            self._changed_from = remap_resumed_groups(trainer, pl_module, self._changed_from)
