@@ -27,7 +27,7 @@ from lit_partial import (
     PartialBackpropMixin,
     SelectiveBackprop,
 )
-from lit_partial.selection import count_match_operations, select_parameters
+from lit_partial.selectors import count_match_operations, select_parameters
 
 REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
 

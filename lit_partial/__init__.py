@@ -20,7 +20,7 @@ from lit_partial.errors import (
     SelectorError,
 )
 from lit_partial.module import PartialBackpropMixin
-from lit_partial.selection import select_modules, select_parameters
+from lit_partial.selectors import select_modules, select_parameters
 from lit_partial.strategies import FSDP2Strategy
 from lit_partial.summary import summarize
 

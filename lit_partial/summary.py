@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from lit_partial.errors import ConfigurationError
-from lit_partial.selection import tied_parameter_names
+from lit_partial.selectors import tied_parameter_names
 
-__all__ = ["SummaryRow", "format_summary", "record_masked", "summarize", "summary_group", "tie_notes"]
+__all__ = ["SummaryRow", "format_summary", "record_masked", "summarize", "tie_notes"]
 
 # model -> {parameter name: masked elements}; kept beside the model (not in it) so it outlives teardown
 _masked: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
@@ -90,12 +90,6 @@ def _join(prefix: str, part: str) -> str:
 def _check_depth(depth: int) -> None:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ConfigurationError(f"summary `depth` must be a positive int (branching levels shown), got {depth!r}.")
-
-
-def summary_group(model: nn.Module, name: str, depth: int = 1) -> str:
-    """The row of :func:`summarize` (at ``depth``) that counts parameter ``name`` (a canonical name)."""
-    _check_depth(depth)
-    return _Tree([n for n, _ in model.named_parameters()]).group(name, depth)
 
 
 def summarize(model: nn.Module, depth: int = 1) -> list[SummaryRow]:

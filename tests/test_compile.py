@@ -151,7 +151,7 @@ def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
 
 
 def test_selectors_see_through_a_submodule_compiled_in_place() -> None:
-    from lit_partial.selection import canonical_name, select_modules, select_parameters
+    from lit_partial.selectors import canonical_name, select_modules, select_parameters
 
     model = TinyNet()
     model.blocks = torch.compile(model.blocks, backend=BACKEND)  # type: ignore[assignment]

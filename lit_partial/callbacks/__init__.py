@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lit_partial.callbacks.activation_detach import ActivationDetach
-from lit_partial.callbacks.activation_memory import ActivationMemoryMonitor
+from lit_partial.callbacks.activation_memory_monitor import ActivationMemoryMonitor
 from lit_partial.callbacks.adaptive_freezing import AdaptiveFreezing
 from lit_partial.callbacks.badam import BAdam
 from lit_partial.callbacks.base import Technique

@@ -26,12 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from lit_partial._plain import to_plain
 from lit_partial.conditions import Condition, parse_condition
 from lit_partial.errors import ConditionError, ConfigurationError
-from lit_partial.selection import as_selector_list
+from lit_partial.selectors import as_selector_list
 
 __all__ = [
     "ScheduleEntry",
@@ -40,7 +38,6 @@ __all__ = [
     "gradual_unfreezing_schedule",
     "group_names",
     "parse_schedule",
-    "plan_phase_groups",
     "progressive_freezing_schedule",
 ]
 
@@ -290,34 +287,3 @@ def progressive_freezing_schedule(
     return [
         {unit: round((t0 + (1.0 - t0) * i / (n - 1)) * total), "freeze": block} for i, block in enumerate(blocks[:-1])
     ]
-
-
-def plan_phase_groups(
-    model: nn.Module, phases: Sequence[tuple[str, Sequence[str], float]], defaults: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Optimizer groups, one per ``(name, parameter names, lr_scale)`` phase, plus ``"frozen"`` for the rest.
-
-    A parameter joins the first phase that names it; empty groups are dropped; each group gets ``defaults``,
-    a ``"name"`` and ``lr = defaults["lr"] * lr_scale``.
-
-    Raises:
-        ValueError: If a phase has an ``lr_scale`` but ``defaults`` has no ``lr`` to scale.
-    """
-    params = dict(model.named_parameters())
-    assigned: set[str] = set()
-    groups: list[dict[str, Any]] = []
-    for name, names, scale in [*phases, ("frozen", list(params), 1.0)]:
-        fresh = [n for n in names if n not in assigned]
-        assigned.update(fresh)
-        if not fresh:
-            continue
-        group = {**defaults, "params": [params[n] for n in fresh], "name": name}
-        if scale != 1.0:
-            if "lr" not in defaults:
-                raise ConfigurationError(
-                    f"schedule entry {name!r} has lr_scale {scale:g} but partial_param_groups got no lr to scale. "
-                    "Fix: call self.partial_param_groups(lr=1e-3, ...)."
-                )
-            group["lr"] = defaults["lr"] * scale
-        groups.append(group)
-    return groups

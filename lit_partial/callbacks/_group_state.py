@@ -34,7 +34,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lit_partial.module import attached_trainer
 
 __all__ = [
     "Layout",
@@ -42,7 +47,9 @@ __all__ = [
     "describes",
     "match_groups",
     "optimizer_layout",
+    "optimizer_layouts",
     "remap_optimizer_state",
+    "remap_resumed_groups",
     "remap_scheduler_state",
 ]
 
@@ -222,3 +229,64 @@ def remap_scheduler_state(
     if "_last_lr" in out:
         out["_last_lr"] = list(lrs)
     return out
+
+
+def optimizer_layouts(model: nn.Module | None) -> list[Layout]:
+    """Each optimizer's groups by name and parameter names: what a changed configuration remaps from."""
+    trainer = attached_trainer(model) if model is not None else None
+    if trainer is None or not trainer.optimizers:
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}  # type: ignore[union-attr]  # not None: trainer
+    return [optimizer_layout(optimizer, names) for optimizer in trainer.optimizers]
+
+
+def remap_resumed_groups(
+    trainer: L.Trainer, pl_module: nn.Module, changed_from: tuple[dict[str, Any], list[Layout | None]] | None
+) -> tuple[dict[str, Any], list[Layout | None]] | None:
+    """Rewrite the resumed checkpoint's optimizer and scheduler states into this run's group layout.
+
+    Only after a configuration change accepted with ``accept_config_change=True``. Per-parameter state follows
+    the parameter by name, groups in both layouts keep their hyperparameters at the new configured rate, new
+    groups start as built (see :mod:`lit_partial.callbacks._group_state`). A checkpoint without a record of its
+    groups (made before LayerFreezing recorded them) whose layout differs cannot be mapped: its optimizer state
+    is dropped, with a warning. Returns what is left to remap (None once done, ``changed_from`` when there are
+    no optimizers yet).
+    """
+    if changed_from is None or not trainer.optimizers:
+        return changed_from
+    checkpoint, layouts = changed_from
+    states, schedulers = checkpoint.get("optimizer_states"), checkpoint.get("lr_schedulers")
+    if not trainer.strategy.lightning_restore_optimizer or not isinstance(states, list):
+        return None  # the strategy loads optimizer states itself, before callbacks see the checkpoint (FSDP2)
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    for k, (optimizer, saved) in enumerate(zip(trainer.optimizers, states, strict=False)):
+        layout = optimizer_layout(optimizer, names)
+        old = layouts[k] if k < len(layouts) else None
+        if old == layout:
+            continue
+        carried, how = carry_over(saved, old, optimizer.state_dict(), layout)
+        if carried is None:
+            continue  # the same group sizes and no record: Lightning loads it as it did before groups were recorded
+        states[k] = carried
+        if how == "dropped":
+            rank_zero_warn(
+                f"LayerFreezing (accept_config_change=True): the checkpoint's optimizer {k} has another group "
+                f"layout ({[len(g['params']) for g in saved['param_groups']]} parameters per group, now "
+                f"{[len(g['params']) for g in layout]}) and does not record which parameters its groups held "
+                "(it predates that record), so its optimizer state is dropped: the optimizer starts fresh."
+            )
+        lrs = [group["lr"] for group in states[k]["param_groups"]]
+        for j, config in enumerate(trainer.lr_scheduler_configs):
+            if config.scheduler.optimizer is optimizer and isinstance(schedulers, list) and j < len(schedulers):
+                schedulers[j] = remap_scheduler_state(
+                    schedulers[j], config.scheduler.state_dict(), lrs, len(saved["param_groups"])
+                )
+        if k < len(layouts):
+            layouts[k] = layout  # remapped: another LayerFreezing of this run finds nothing left to do
+        if how == "kept":
+            rank_zero_info(
+                f"LayerFreezing (accept_config_change=True): optimizer {k}'s groups changed from "
+                f"{[g.get('name') for g in saved['param_groups']]} to {[g['name'] for g in layout]}; each "
+                "parameter keeps its optimizer state, groups in both keep their hyperparameters."
+            )
+    return None

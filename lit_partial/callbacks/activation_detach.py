@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,19 +11,18 @@ from torch import nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.callbacks._metrics import MetricRecorder
-from lit_partial.callbacks._rules import Rule, Target, apply_decision, batch_size_of, parse_rules
-from lit_partial.callbacks.base import Technique
+from lit_partial.callbacks._conditional import ConditionalTechnique
+from lit_partial.callbacks._decisions import RuleTarget
+from lit_partial.callbacks._rule_spec import Rule, apply_decision, parse_rules
 from lit_partial.conditions import StepContext
-from lit_partial.distributed import allow_unused_parameters
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
-from lit_partial.selection import Selectors, as_selector_list, canonical_name, preview, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, preview, select_modules
 
 __all__ = ["ActivationDetach"]
 
 
-class ActivationDetach(Technique):
+class ActivationDetach(ConditionalTechnique):
     """Spend less activation memory in training steps: detach, checkpoint or offload selected modules.
 
     * ``at``: the outputs of these modules are detached, so nothing before them keeps activations for
@@ -80,7 +78,6 @@ class ActivationDetach(Technique):
         *,
         accept_config_change: bool = False,
     ) -> None:
-        super().__init__(accept_config_change=accept_config_change)
         at, checkpoint, offload = to_plain(at), to_plain(checkpoint), to_plain(offload)
         if at is None and checkpoint is None and offload is None:
             raise ConfigurationError(
@@ -98,14 +95,13 @@ class ActivationDetach(Technique):
         if at is not None and not isinstance(at, Mapping):
             at = dict.fromkeys(as_selector_list(at, argument="at"), "always")
         self.at: dict[str, Rule] = parse_rules(at, who="ActivationDetach", allow_grad_scale=False) if at else {}
+        # The conditional base's step loop decides the `at` rules; counting switched off (counts_decisions).
+        super().__init__(self.at, log=False, accept_config_change=accept_config_change)
         self.checkpoint = as_selector_list(checkpoint, argument="checkpoint") if checkpoint is not None else []
         self.offload = as_selector_list(offload, argument="offload") if offload is not None else []
         self.segments = segments
         self._active = False  # True only inside training steps (a bool: a compiled forward guards it by value)
-        self._step_targets: list[Target] = []
-        self.metric_recorder = MetricRecorder(
-            (name for rule in self.at.values() for name in rule.condition.metrics), who="ActivationDetach"
-        )
+        self._detached: dict[str, Rule] = {}  # module name -> its rule, set in setup
 
     @override
     def config(self) -> dict[str, Any]:
@@ -124,22 +120,29 @@ class ActivationDetach(Technique):
     def _is_active(self) -> bool:
         return self._active
 
+    counts_decisions = False
+
+    def _attach_rules(self, model: nn.Module) -> None:
+        self._detached = {}
+        for selector, rule in self.at.items():  # each selector's rule applies to the modules it selects
+            for name, _ in select_modules(model, selector):
+                self._detached.setdefault(name, rule)
+        for name, rule in self._detached.items():
+            target = self.target(rule, name)  # draws salted by the canonical name, alike with a compiled submodule
+            self.handles.add(model.get_submodule(name).register_forward_hook(self._detach_hook(target)))
+
+    def _cuts_graph(self) -> bool:
+        return bool(self.at)
+
+    def _ddp_reason(self) -> str:
+        return f"outputs of {preview(sorted(self._detached))} are detached"
+
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        detached: dict[str, Rule] = {}
-        for selector, rule in self.at.items():  # each selector's rule applies to the modules it selects
-            for name, _ in select_modules(pl_module, selector):
-                detached.setdefault(name, rule)
+        super().attach(trainer, pl_module)  # the `at` rules: forward hooks, DDP's unused parameters
+        detached = self._detached
         checkpointed = [name for name, _ in select_modules(pl_module, self.checkpoint)] if self.checkpoint else []
         offloaded = [name for name, _ in select_modules(pl_module, self.offload)] if self.offload else []
-        self._step_targets = []
-        self.metric_recorder.setup(trainer)
-        if detached:
-            allow_unused_parameters(trainer, "ActivationDetach", f"outputs of {preview(sorted(detached))} are detached")
-            for name, rule in detached.items():
-                target = Target(rule, canonical_name(name))  # draws salted alike with a compiled submodule
-                self._step_targets.append(target)
-                self.handles.add(pl_module.get_submodule(name).register_forward_hook(self._detach_hook(target)))
         if checkpointed:
             self.handles.add(
                 checkpoint_modules(pl_module, checkpointed, segments=self.segments, enabled=self._is_active)
@@ -158,7 +161,7 @@ class ActivationDetach(Technique):
         rank_zero_info(f"ActivationDetach: {self._summary}")
 
     @staticmethod
-    def _detach_hook(target: Target) -> Any:
+    def _detach_hook(target: RuleTarget) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             decision = target.resolve(output)  # decided at the step's start; None outside training steps
             return None if decision is None else apply_decision(target.rule, decision, output)
@@ -171,45 +174,11 @@ class ActivationDetach(Technique):
         return [f"ActivationDetach: {summary}"] if summary else []
 
     @override
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        ctx = StepContext.from_trainer(trainer, batch_idx)
-        if self.metric_recorder:
-            ctx = dataclasses.replace(ctx, metrics=self.metric_recorder.view())
-        size = batch_size_of(batch)
-        for target in self._step_targets:
-            target.begin(ctx, size)
+    def begin_step(self, ctx: StepContext, batch: Any = None) -> None:
+        super().begin_step(ctx, batch)
         self._active = True
 
     @override
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._end_step()
-
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
         self._active = False
-        for target in self._step_targets:
-            target.end()
-            target.observed.clear()  # decisions on activations are not counted here
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metric_recorder.on_validation_end(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metric_recorder.on_train_epoch_end(trainer)
-
-    @override
-    def technique_state(self) -> dict[str, Any]:
-        return {"metrics": self.metric_recorder.state()} if self.metric_recorder else {}
-
-    @override
-    def load_technique_state(self, state: dict[str, Any]) -> None:
-        self.metric_recorder.load(state.get("metrics"))
-
-    @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
-        self._end_step()
+        super().end_step()

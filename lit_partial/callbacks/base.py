@@ -48,7 +48,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning as L
@@ -66,10 +68,12 @@ from lit_partial._checkpoint import (
     jsonable,
     state_key,
 )
+from lit_partial.callbacks._metrics import MetricRecorder
+from lit_partial.conditions import StepContext
 from lit_partial.distributed import DEFAULT_FAMILIES, check_supported_strategy
 from lit_partial.errors import CheckpointMismatchError, ConfigurationError
 from lit_partial.handles import Handles
-from lit_partial.selection import gc_paused
+from lit_partial.selectors import gc_paused
 
 __all__ = ["Technique", "check_checkpoint_techniques"]
 
@@ -77,8 +81,9 @@ __all__ = ["Technique", "check_checkpoint_techniques"]
 class Technique(Callback):
     """Base class of lit_partial callbacks: stage guard, strategy check, handles, resume checks, reporting.
 
-    Subclasses implement :meth:`config` and usually :meth:`attach`; stateful ones :meth:`technique_state` and
-    :meth:`load_technique_state`. They call ``super().__init__(accept_config_change=...)``.
+    Subclasses implement :meth:`config` and usually :meth:`attach` (and :meth:`cleanup`); stateful ones
+    :meth:`technique_state` and :meth:`load_technique_state`; those whose conditions read metrics :meth:`metrics_read`.
+    They call ``super().__init__(accept_config_change=...)``.
 
     Args:
         accept_config_change: Resume from a checkpoint made with a different configuration of this technique
@@ -96,6 +101,18 @@ class Technique(Callback):
         #: What :meth:`attach` attached; removed last-first at teardown and on exceptions.
         self.handles = Handles()
         self._model: nn.Module | None = None
+        self._metric_recorder: MetricRecorder | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Techniques outside the library that still override the former name of cleanup() are told once, here.
+        if "detach" in vars(cls) and not cls.__module__.startswith("lit_partial."):
+            warnings.warn(
+                f"{cls.__qualname__} overrides Technique.detach(), which is deprecated: rename it to cleanup() "
+                "(same arguments). It is still called at teardown.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     # ---------------------------------------------------------------- what subclasses provide
     def config(self) -> dict[str, Any]:
@@ -126,8 +143,28 @@ class Technique(Callback):
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve selectors against ``pl_module`` and attach hooks; put every handle in :attr:`handles`."""
 
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         """Extra cleanup beyond :attr:`handles` (called after they are removed, at teardown or on exception)."""
+        if type(self).detach is not Technique.detach:  # a subclass written against the former name
+            self.detach(trainer, pl_module)
+
+    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        """Deprecated name of :meth:`cleanup` ("detach" is the library's gradient verb); calls it."""
+        warnings.warn(
+            "Technique.detach() is deprecated: call (or override) Technique.cleanup() instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if type(self).detach is Technique.detach:  # not overridden (an override calling super() gets a no-op)
+            self.cleanup(trainer, pl_module)
+
+    def metrics_read(self) -> Iterable[str]:
+        """Names of the logged metrics this technique's conditions read; the base records their history.
+
+        The history (:attr:`metric_recorder`) is recorded at each evaluation, the same on every rank, saved with
+        the technique's state and read through :meth:`step_context`. Default: none.
+        """
+        return ()
 
     def technique_state(self) -> dict[str, Any]:
         """What this technique must save to resume exactly, keyed by names (never objects)."""
@@ -141,6 +178,23 @@ class Technique(Callback):
         return []
 
     # ---------------------------------------------------------------- the contract
+    @property
+    def metric_recorder(self) -> MetricRecorder:
+        """The history of the metrics :meth:`metrics_read` names (a fresh one at each ``fit``)."""
+        if self._metric_recorder is None:
+            self._metric_recorder = MetricRecorder(self.metrics_read(), who=type(self).__name__)
+        return self._metric_recorder
+
+    @property
+    def metric_history(self) -> dict[str, list[float]]:
+        """Each metric's values at the evaluations so far, oldest first (see :meth:`metrics_read`)."""
+        return self.metric_recorder.history
+
+    def step_context(self, trainer: L.Trainer, batch_idx: int = 0) -> StepContext:
+        """Where training is (:meth:`StepContext.from_trainer`), with the metric history conditions read."""
+        ctx = StepContext.from_trainer(trainer, batch_idx)
+        return dataclasses.replace(ctx, metrics=self.metric_recorder.view()) if self.metric_recorder else ctx
+
     @property
     def model(self) -> nn.Module | None:
         """The LightningModule this technique is attached to (between ``setup`` and ``teardown``), else None."""
@@ -168,6 +222,8 @@ class Technique(Callback):
         check_supported_strategy(trainer, type(self).__name__, self.supported_strategies)
         self._unwind(trainer, pl_module)  # a second fit() with the same callback starts clean
         self._model = pl_module
+        self._metric_recorder = None  # a fresh history for this fit (a resume restores it after setup)
+        self.metric_recorder.setup(trainer)
         with gc_paused():  # linear in model size (see gc_paused)
             self.attach(trainer, pl_module)
 
@@ -183,12 +239,15 @@ class Technique(Callback):
 
     def _unwind(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self.handles.remove()
-        self.detach(trainer, pl_module)
+        self.cleanup(trainer, pl_module)
         self._model = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {MARK: self.technique_record(), **self.technique_state()}
+        state = {MARK: self.technique_record(), **self.technique_state()}
+        if self.metric_recorder:
+            state["metrics"] = self.metric_recorder.state()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -212,7 +271,16 @@ class Technique(Callback):
                     "state is discarded (accept_config_change=True)."
                 )
                 return
+        self.metric_recorder.load(state_dict.get("metrics"))
         self.load_technique_state({k: v for k, v in state_dict.items() if k != MARK})
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_validation_end(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric_recorder.on_train_epoch_end(trainer)
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

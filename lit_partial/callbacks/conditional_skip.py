@@ -27,7 +27,7 @@ from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, may_hold, p
 from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
 from lit_partial.handles import wrap_forward
-from lit_partial.selection import Selectors, as_selector_list, canonical_name, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, canonical_name, select_modules
 
 __all__ = ["DROP_DISTRIBUTIONS", "ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
 

@@ -36,11 +36,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.optim import lr_scheduler
 from typing_extensions import override
 
-from lit_partial._compat import ddp_ignored_names, is_running_stats_norm, set_ddp_ignored_names
+from lit_partial._compat import is_running_stats_norm
 from lit_partial._plain import to_plain
+from lit_partial.callbacks._ddp_sync import UnsyncedParams, reload_sharded_optimizer_state
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
     callback_yaml,
@@ -48,26 +48,16 @@ from lit_partial.callbacks._freezing_schedule import (
     gradual_unfreezing_schedule,
     group_names,
     parse_schedule,
-    plan_phase_groups,
     progressive_freezing_schedule,
 )
 from lit_partial.callbacks._group_state import (
     Layout,
-    carry_over,
-    optimizer_layout,
-    remap_scheduler_state,
+    optimizer_layouts,
+    remap_resumed_groups,
 )
-from lit_partial.callbacks._metrics import MetricRecorder
+from lit_partial.callbacks._param_groups import plan_phase_groups, scale_unplanned_groups, warn_on_unoptimized
 from lit_partial.callbacks.base import Technique
 from lit_partial.conditions import Condition, StepContext
-from lit_partial.distributed import (
-    all_reduce_gradients,
-    broadcast_parameters,
-    is_sharded,
-    load_missing_optimizer_state,
-    strategy_family,
-    world_size,
-)
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import (
     find_block_stack,
@@ -76,48 +66,9 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
-from lit_partial.handles import Handle
-from lit_partial.module import attached_trainer
-from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
+from lit_partial.selectors import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
-
-#: LR schedulers whose per-group state is ``base_lrs`` (plus ``lr_lambdas`` or ``min_lrs``), which
-#: :meth:`LayerFreezing._scale_unplanned_groups` extends when it adds a parameter group after them.
-_SPLITTABLE_SCHEDULERS: tuple[type, ...] = (
-    lr_scheduler.LambdaLR,
-    lr_scheduler.MultiplicativeLR,
-    lr_scheduler.StepLR,
-    lr_scheduler.MultiStepLR,
-    lr_scheduler.ConstantLR,
-    lr_scheduler.LinearLR,
-    lr_scheduler.ExponentialLR,
-    lr_scheduler.PolynomialLR,
-    lr_scheduler.CosineAnnealingLR,
-    lr_scheduler.CosineAnnealingWarmRestarts,
-    lr_scheduler.ReduceLROnPlateau,
-)
-
-
-def _extend_scheduler(scheduler: Any, index: int, scale: float) -> None:
-    """Give ``scheduler`` the state of one more parameter group: group ``index``'s, its learning rates scaled."""
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs.append(scheduler.base_lrs[index] * scale)
-    for name in ("lr_lambdas", "min_lrs"):
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list):
-            values.append(values[index])
-
-
-def _split_name(group: dict[str, Any], index: int, several: bool, phase: str) -> str:
-    """The name of the group split from optimizer group ``index`` for schedule group ``phase``: unique and stable.
-
-    ``<group name>/<phase>`` for a named group; for unnamed ones ``pg<index + 1>/<phase>`` (LearningRateMonitor's
-    label of the group it came from) when the optimizer has several groups, else ``<phase>``.
-    """
-    if "name" in group:
-        return f"{group['name']}/{phase}"
-    return f"pg{index + 1}/{phase}" if several else phase
 
 
 def _entry_config(entry: ScheduleEntry, *, legacy: bool = False) -> dict[str, Any]:
@@ -190,20 +141,18 @@ class LayerFreezing(Technique):
         self._pending: list[int] = list(range(len(self.schedule)))  # entries not applied yet, in schedule order
         self._held: dict[str, bool] = {}  # norm-module name -> kept in eval mode
         self._held_modules: list[nn.Module] = []
-        self._ddp_known: set[int] | None = None  # ids of parameters DDP reduces; None when not under DDP
-        self._unsynced: dict[int, list[nn.Parameter]] = {}  # optimizer id -> trainable params DDP does not reduce
+        self._sync = UnsyncedParams()  # what DDP does not reduce (parameters the schedule freezes or unfreezes)
         self._events: list[str] = []
         self._trained: weakref.ref[nn.Module] | None = None  # the model of the last fit, for state_dict after it
         self.trainable_params: int | None = None
-        self.metric_recorder = self._new_recorder()
         self._applied_eval: list[int | None] = [None] * len(self.schedule)  # evaluations recorded when applied
         self._when_checked: int | None = None  # the epoch whose start checked the `when` entries
-        # accept_config_change: the checkpoint being resumed and its optimizers' group layouts (see _remap_groups)
+        # accept_config_change: the resumed checkpoint and its optimizers' group layouts (see remap_resumed_groups)
         self._changed_from: tuple[dict[str, Any], list[Layout | None]] | None = None
 
-    def _new_recorder(self) -> MetricRecorder:
-        names = (name for entry in self.schedule if entry.when is not None for name in entry.when.metrics)
-        return MetricRecorder(names, who="LayerFreezing")
+    @override
+    def metrics_read(self) -> list[str]:
+        return [name for entry in self.schedule if entry.when is not None for name in entry.when.metrics]
 
     # ------------------------------------------------------------------ recipes
     @classmethod
@@ -336,8 +285,6 @@ class LayerFreezing(Technique):
         self._pending = list(range(len(self.schedule)))
         self._held, self._events = {}, []
         self._applied_eval, self._when_checked = [None] * len(self.schedule), None
-        self.metric_recorder = self._new_recorder()
-        self.metric_recorder.setup(trainer)
         for entry in self.schedule:  # resolve everything now: unknown names fail before the first step
             self._params(pl_module, entry.unfreeze + entry.freeze)
         if self.frozen:
@@ -346,13 +293,13 @@ class LayerFreezing(Technique):
         for note in describe_ties(pl_module, self._params(pl_module, selected) if selected else []):
             rank_zero_info(f"LayerFreezing: {note}; freezing or unfreezing either name changes both.")
         self._check_schedule(pl_module)
-        self._exclude_from_ddp(trainer, pl_module)
+        later = [n for e in self.schedule if e.freeze for n, _ in self._params(pl_module, e.freeze)]
+        self._sync.exclude(trainer, pl_module, later, self.handles)
         self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
-        self._ddp_known = None
-        self._unsynced.clear()
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+        self._sync.reset()
 
     @override
     def run_summary(self) -> list[str]:
@@ -376,7 +323,7 @@ class LayerFreezing(Technique):
         params = self._params(model, selectors)
         names = [n for n, p in params if p.requires_grad != trainable]
         set_requires_grad([p for _, p in params], trainable)
-        self._unsynced.clear()
+        self._sync.changed()
         for norm in self._norms(model, selectors):
             self._held[norm] = not trainable and not self.train_bn
             if not self._held[norm]:
@@ -433,108 +380,21 @@ class LayerFreezing(Technique):
             "require grad'). Fix: keep at least one module trainable (e.g. the head), or unfreeze something earlier."
         )
 
-    def _exclude_from_ddp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A parameter DDP registered that stops getting gradients breaks DDP's next step (without the costly
-        # find_unused_parameters); keep such parameters out of DDP and reduce them ourselves.
-        if strategy_family(trainer) != "ddp":  # DDP wraps even a single process
-            return
-        later = [n for e in self.schedule if e.freeze for n, _ in self._params(pl_module, e.freeze)]
-        existing = ddp_ignored_names(pl_module)
-        added = [n for n in dict.fromkeys(later) if n not in existing]
-        if not added:
-            return
-        ignored = set(existing + later)
-        if not any(p.requires_grad for n, p in pl_module.named_parameters() if n not in ignored):
-            raise ConfigurationError(
-                "LayerFreezing under DDP: every parameter trainable at the start is frozen later by the schedule, "
-                "so DDP would wrap a model with nothing to reduce. Fix: keep at least one module (e.g. the head) "
-                "trainable for the whole run."
-            )
-        set_ddp_ignored_names(pl_module, existing + added)
-        self.handles.add(Handle(lambda: set_ddp_ignored_names(pl_module, existing)))
-
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if strategy_family(trainer) != "ddp":
-            self._ddp_known = None
-        else:
-            ignored = set(ddp_ignored_names(pl_module))
-            self._ddp_known = {id(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in ignored}
-            self._unsynced.clear()
-            # DDP broadcasts only what it does not ignore; our excluded parameters start identical too.
-            broadcast_parameters([p for n, p in pl_module.named_parameters() if n in ignored])
-        self._warn_on_unoptimized(trainer, pl_module)
-        self._scale_unplanned_groups(trainer, pl_module)
-        self._remap_groups(trainer, pl_module)
+        self._sync.start(trainer, pl_module)
+        later = [n for e in self.schedule if e.unfreeze for n, _ in self._params(pl_module, e.unfreeze)]
+        warn_on_unoptimized(trainer, pl_module, later)
+        if any(entry.lr_scale != 1.0 for entry in self.schedule):
+            scale_unplanned_groups(trainer, self.plan_param_groups(pl_module, {"lr": 1.0}))
+        self._changed_from = remap_resumed_groups(trainer, pl_module, self._changed_from)
 
-    def _warn_on_unoptimized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        later = [n for e in self.schedule if e.unfreeze for n, p in self._params(pl_module, e.unfreeze)]
-        missing = [n for n in dict.fromkeys(later) if id(pl_module.get_parameter(n)) not in in_optimizer]
-        if trainer.optimizers and missing:
-            rank_zero_warn(
-                f"LayerFreezing will unfreeze {missing[:5]} (and {max(len(missing) - 5, 0)} more), which no optimizer "
-                "holds, so they will never change. Fix: pass all parameters to the optimizer (frozen ones are "
-                "skipped), or `self.partial_param_groups(lr=...)`."
-            )
-
-    def _scale_unplanned_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Give ``lr_scale`` entries their rate when the optimizer did not come from ``partial_param_groups``.
-
-        LightningCLI's ``optimizer:`` and hand-written ``configure_optimizers`` put all parameters in groups of
-        their own; the parameters of a scaled entry are moved from each group into a new group with the same
-        options and ``lr * lr_scale`` (``initial_lr`` too), and the group's LR schedulers are extended to match.
-        The new group is named after the schedule group, ``unfreeze@epoch1``, prefixed by the group it came from
-        where the optimizer has several (``pg2/unfreeze@epoch1``, ``decay/unfreeze@epoch1`` for a group named
-        ``decay``), so LearningRateMonitor sees distinct names. This runs in ``on_fit_start``, before Lightning
-        restores optimizer and scheduler states, so a resumed run finds the same groups. Schedulers LayerFreezing
-        cannot extend (any not in ``_SPLITTABLE_SCHEDULERS``) keep the groups as they are, with a warning naming
-        the fix.
-        """
-        if all(entry.lr_scale == 1.0 for entry in self.schedule) or not trainer.optimizers:
-            return
-        plan = self.plan_param_groups(pl_module, {"lr": 1.0})
-        planned_names = {group["name"] for group in plan}
-        scale_of = {
-            id(p): (group["name"], group["lr"]) for group in plan if group["lr"] != 1.0 for p in group["params"]
-        }
-        for optimizer in trainer.optimizers:
-            if any(group.get("name") in planned_names for group in optimizer.param_groups):
-                continue  # built from partial_param_groups: the groups are there already
-            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-            unknown = sorted({type(s).__name__ for s in schedulers if not isinstance(s, _SPLITTABLE_SCHEDULERS)})
-            if unknown:
-                rank_zero_warn(
-                    f"LayerFreezing: schedule entries with lr_scale need their own optimizer parameter groups, but the "
-                    f"optimizer was not built from `self.partial_param_groups(...)`, and its LR scheduler(s) {unknown} "
-                    "cannot be extended with new groups, so those parameters will learn at the base rate. Fix: build "
-                    "the optimizer from `self.partial_param_groups(lr=...)` in configure_optimizers."
-                )
-                continue
-            several = len(optimizer.param_groups) > 1
-            for index, group in enumerate(list(optimizer.param_groups)):
-                moved: dict[tuple[str, float], list[nn.Parameter]] = {}
-                kept = []
-                for p in group["params"]:
-                    hit = scale_of.get(id(p))
-                    kept.append(p) if hit is None else moved.setdefault(hit, []).append(p)
-                if not moved:
-                    continue
-                group["params"] = kept
-                for (phase, scale), params in moved.items():
-                    new = {key: value for key, value in group.items() if key != "params"}
-                    new["name"] = _split_name(group, index, several, phase)
-                    for key in ("lr", "initial_lr"):
-                        if key in new:
-                            new[key] = group[key] * scale
-                    optimizer.add_param_group({**new, "params": params})
-                    for scheduler in schedulers:
-                        _extend_scheduler(scheduler, index, scale)
-                    rank_zero_info(
-                        f"LayerFreezing: optimizer group {new['name']!r} holds the {len(params)} tensors of schedule "
-                        f"group {phase!r} at lr x {scale:g} (the optimizer was not built from partial_param_groups)."
-                    )
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._sync.reduce(optimizer)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -571,14 +431,6 @@ class LayerFreezing(Technique):
             self._apply_due(trainer, pl_module, kinds=("epoch", "step"))
             self._apply_when(trainer, pl_module)
         self._hold()
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metric_recorder.on_validation_end(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.metric_recorder.on_train_epoch_end(trainer)
 
     def _apply_when(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Apply `when` entries in order, at most once per epoch start (or first batch, after a resume)."""
@@ -636,21 +488,6 @@ class LayerFreezing(Technique):
                 {"layer_freezing/trainable_params": float(self.trainable_params)}, step=trainer.global_step
             )
 
-    @override
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self._ddp_known is None or world_size() < 2:
-            return
-        # Built once per schedule change, not every step. Same optimizer order on every rank, so every rank
-        # passes the same list to the one collective.
-        params = self._unsynced.get(id(optimizer))
-        if params is None:
-            known = self._ddp_known
-            wanted = (p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in known)
-            params = self._unsynced[id(optimizer)] = list(dict.fromkeys(wanted))
-        all_reduce_gradients(params)
-
     # ------------------------------------------------------------------ planning (ParamGroupPlanner)
     def plan_param_groups(self, model: nn.Module, defaults: dict[str, Any]) -> list[dict[str, Any]]:
         """One parameter group per schedule phase, all present from the start, each named (``"name"`` key).
@@ -686,18 +523,8 @@ class LayerFreezing(Technique):
             "held_norms": sorted(n for n, h in self._held.items() if h),
             "events": list(self._events),
             "applied_eval": list(self._applied_eval),
-            "metrics": self.metric_recorder.state(),
-            "optimizer_layouts": self._optimizer_layouts(model),
+            "optimizer_layouts": optimizer_layouts(model),
         }
-
-    @staticmethod
-    def _optimizer_layouts(model: nn.Module | None) -> list[Layout]:
-        """Each optimizer's groups by name and parameter names: what a changed configuration remaps from."""
-        trainer = attached_trainer(model) if model is not None else None
-        if trainer is None or not trainer.optimizers:
-            return []
-        names = {id(p): n for n, p in model.named_parameters()}  # type: ignore[union-attr]  # not None: trainer
-        return [optimizer_layout(optimizer, names) for optimizer in trainer.optimizers]
 
     @override
     def load_technique_state(self, state: dict[str, Any]) -> None:
@@ -718,8 +545,8 @@ class LayerFreezing(Technique):
         frozen = set(state["frozen"])
         for name, p in params.items():
             set_requires_grad([p], name not in frozen)
-        self._unsynced.clear()
-        self._load_sharded_optimizer_state(model)
+        self._sync.changed()
+        reload_sharded_optimizer_state(model)
         held = set(state["held_norms"])
         self._held = {n: n in held for n, m in model.named_modules() if n and is_running_stats_norm(m)}
         self._held_modules = [model.get_submodule(n) for n, h in self._held.items() if h]
@@ -727,7 +554,6 @@ class LayerFreezing(Technique):
         self._pending = [i for i, done in enumerate(self._applied) if not done]
         self._events = list(state.get("events", []))
         self._applied_eval = list(state.get("applied_eval", [None] * len(self.schedule)))
-        self.metric_recorder.load(state.get("metrics"))
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -738,7 +564,7 @@ class LayerFreezing(Technique):
             return
         # Our configuration changed (our state is not there under our key), and we accept it: the groups this run
         # builds may differ from the checkpoint's. Lightning restores the optimizer states from this very dict
-        # after on_fit_start, where the groups are built: _remap_groups rewrites them there.
+        # after on_fit_start, where the groups are built: remap_resumed_groups rewrites them there.
         saved = [
             state
             for state in states.values()
@@ -748,67 +574,4 @@ class LayerFreezing(Technique):
         ]
         self._changed_from = (checkpoint, saved[0]["optimizer_layouts"] if saved else [])
         if trainer.strategy.restore_checkpoint_after_setup:  # the optimizers exist already (on_fit_start has run)
-            self._remap_groups(trainer, pl_module)
-
-    def _remap_groups(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Rewrite the resumed checkpoint's optimizer and scheduler states into this run's group layout.
-
-        Only after a configuration change accepted with ``accept_config_change=True``. Per-parameter state follows
-        the parameter by name, groups in both layouts keep their hyperparameters at the new configured rate, new
-        groups start as built (see :mod:`lit_partial.callbacks._group_state`). A checkpoint without a record of its
-        groups (made before LayerFreezing recorded them) whose layout differs cannot be mapped: its optimizer state
-        is dropped, with a warning.
-        """
-        if self._changed_from is None or not trainer.optimizers:
-            return
-        checkpoint, layouts = self._changed_from
-        self._changed_from = None
-        states, schedulers = checkpoint.get("optimizer_states"), checkpoint.get("lr_schedulers")
-        if not trainer.strategy.lightning_restore_optimizer or not isinstance(states, list):
-            return  # the strategy loads optimizer states itself, before callbacks see the checkpoint (FSDP2)
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        for k, (optimizer, saved) in enumerate(zip(trainer.optimizers, states, strict=False)):
-            layout = optimizer_layout(optimizer, names)
-            old = layouts[k] if k < len(layouts) else None
-            if old == layout:
-                continue
-            carried, how = carry_over(saved, old, optimizer.state_dict(), layout)
-            if carried is None:
-                continue  # the same group sizes and no record: Lightning loads it as it did before groups were recorded
-            states[k] = carried
-            if how == "dropped":
-                rank_zero_warn(
-                    f"LayerFreezing (accept_config_change=True): the checkpoint's optimizer {k} has another group "
-                    f"layout ({[len(g['params']) for g in saved['param_groups']]} parameters per group, now "
-                    f"{[len(g['params']) for g in layout]}) and does not record which parameters its groups held "
-                    "(it predates that record), so its optimizer state is dropped: the optimizer starts fresh."
-                )
-            lrs = [group["lr"] for group in states[k]["param_groups"]]
-            for j, config in enumerate(trainer.lr_scheduler_configs):
-                if config.scheduler.optimizer is optimizer and isinstance(schedulers, list) and j < len(schedulers):
-                    schedulers[j] = remap_scheduler_state(
-                        schedulers[j], config.scheduler.state_dict(), lrs, len(saved["param_groups"])
-                    )
-            if k < len(layouts):
-                layouts[k] = layout  # remapped: another LayerFreezing of this run finds nothing left to do
-            if how == "kept":
-                rank_zero_info(
-                    f"LayerFreezing (accept_config_change=True): optimizer {k}'s groups changed from "
-                    f"{[g.get('name') for g in saved['param_groups']]} to {[g['name'] for g in layout]}; each "
-                    "parameter keeps its optimizer state, groups in both keep their hyperparameters."
-                )
-
-    @staticmethod
-    def _load_sharded_optimizer_state(model: nn.Module) -> None:
-        # ModelParallelStrategy loads the optimizer state before this callback's state, into a template made while
-        # the parameters frozen in `setup` do not require gradients: the saved moments of parameters unfrozen before
-        # the checkpoint are skipped. Read them now that those parameters train again.
-        trainer = attached_trainer(model)
-        if trainer is None or not is_sharded(trainer):
-            return
-        loaded = load_missing_optimizer_state(model, trainer.optimizers, trainer.ckpt_path)
-        if loaded:
-            rank_zero_info(
-                f"LayerFreezing: loaded the checkpoint's optimizer state of {len(loaded)} parameters frozen at fit "
-                "start (the strategy restores optimizer state before callbacks, so it skipped them)."
-            )
+            self._changed_from = remap_resumed_groups(trainer, pl_module, self._changed_from)

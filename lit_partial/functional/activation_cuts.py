@@ -40,7 +40,7 @@ from lit_partial._compat import version_counter
 from lit_partial.errors import ConfigurationError, UnsafeCheckpointError
 from lit_partial.functional.freezing import norm_layers
 from lit_partial.handles import Handles, wrap_forward
-from lit_partial.selection import Selectors, outermost, select_modules
+from lit_partial.selectors import Selectors, outermost, select_modules
 from lit_partial.tree import detach, leaves
 
 __all__ = [
@@ -61,7 +61,7 @@ def detach_outputs(model: nn.Module, selectors: Selectors, *, when: When | None 
 
     Args:
         model: The model holding the modules.
-        selectors: Which modules (see :mod:`lit_partial.selection`).
+        selectors: Which modules (see :mod:`lit_partial.selectors`).
         when: Optional predicate ``(module_name, output) -> bool`` deciding per call.
 
     Example:

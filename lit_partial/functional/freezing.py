@@ -31,7 +31,7 @@ from torch import nn
 
 from lit_partial._compat import is_running_stats_norm
 from lit_partial.errors import ConfigurationError
-from lit_partial.selection import outermost, select_modules
+from lit_partial.selectors import outermost, select_modules
 
 __all__ = [
     "BlockStack",

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_partial.app.cli import closest_keys
 from lit_partial.app.config import CONF_DIR as CONF
-from lit_partial.selection import select_modules
+from lit_partial.selectors import select_modules
 from tests.helpers.cli import compose_train
 
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))

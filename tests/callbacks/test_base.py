@@ -149,3 +149,34 @@ def test_only_fit_attaches() -> None:
 def test_accept_config_change_must_be_a_bool() -> None:
     with pytest.raises(ConfigurationError, match=r"`accept_config_change` must be True or False, got 'yes'"):
         ConditionalDetach({"stem": "always"}, accept_config_change="yes")  # type: ignore[arg-type]
+
+
+def test_detach_is_the_deprecated_name_of_cleanup() -> None:
+    calls: list[str] = []
+
+    class Cleans(Technique):
+        def config(self) -> dict[str, Any]:
+            return {}
+
+        def cleanup(self, trainer: Any, pl_module: Any) -> None:
+            calls.append("cleanup")
+
+    with pytest.warns(DeprecationWarning, match=r"Technique.detach\(\) is deprecated: call \(or override\) .*cleanup"):
+        Cleans().detach(None, None)
+    assert calls == ["cleanup"]
+
+
+def test_a_technique_overriding_detach_is_warned_once_and_still_cleaned_up() -> None:
+    calls: list[str] = []
+    with pytest.warns(DeprecationWarning, match=r"OldStyle overrides Technique.detach\(\).*rename it to cleanup\(\)"):
+
+        class OldStyle(Technique):
+            def config(self) -> dict[str, Any]:
+                return {}
+
+            def detach(self, trainer: Any, pl_module: Any) -> None:
+                calls.append("detach")
+
+    model = TinyNet()
+    quiet_trainer(max_steps=1, callbacks=[OldStyle()]).fit(model, tiny_loader())
+    assert calls == ["detach", "detach"]  # setup (a second fit starts clean) and teardown, through cleanup()

@@ -17,7 +17,7 @@ from lit_partial import (
     LayerFreezing,
     StochasticDepth,
 )
-from lit_partial.selection import SelectorError
+from lit_partial.selectors import SelectorError
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 from tests.helpers.models import TinyNet, tiny_loader
 

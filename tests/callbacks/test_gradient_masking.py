@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_partial import GradientMasking, PartialBackpropMixin
 from lit_partial.functional.mask_builders import MaskError, build_random_mask
-from lit_partial.selection import SelectorError
+from lit_partial.selectors import SelectorError
 from tests.helpers import SaveParamsPerRank, assert_states_bitwise_equal, load_rank_states, quiet_trainer
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_partial import LayerFreezing, PartialBackpropMixin
 from lit_partial.distributed import UnsupportedStrategyError
-from lit_partial.selection import SelectorError
+from lit_partial.selectors import SelectorError
 from tests.helpers import SaveParamsPerRank, assert_states_bitwise_equal, load_rank_states, quiet_trainer
 
 STEPS_PER_EPOCH = 2

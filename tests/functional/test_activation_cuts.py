@@ -17,7 +17,7 @@ from lit_partial.functional import (
     offload_modules,
     saved_activation_bytes,
 )
-from lit_partial.selection import SelectorError
+from lit_partial.selectors import SelectorError
 from tests.helpers.acted import below, modules_called
 
 B, W, N = 4, 16, 8

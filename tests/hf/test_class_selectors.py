@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 import torch
 
 from lit_partial import ConditionalSkip
-from lit_partial.selection import SelectorError, select_modules, select_parameters
+from lit_partial.selectors import SelectorError, select_modules, select_parameters
 from tests.helpers import assert_states_bitwise_equal, quiet_trainer
 from tests.hf._models import HFModule, build, loader
 from tests.hf.test_layerdrop import STEPS, hand_written

@@ -108,3 +108,11 @@ def test_two_monitors_measuring_the_same_steps_see_the_same_bytes() -> None:
     quiet_trainer(max_steps=4, callbacks=[every, second], limit_val_batches=0).fit(FFNModule(), ffn_loader())
     assert list(every.history) == [(2 * N + 1) * UNIT] * 4  # as measured alone (the test above)
     assert list(second.history) == [(2 * N + 1) * UNIT] * 2
+
+
+def test_the_former_activation_memory_module_still_gives_the_monitor() -> None:
+    import lit_partial.callbacks.activation_memory as former
+    from lit_partial import ActivationMemoryMonitor
+
+    with pytest.warns(DeprecationWarning, match=r"activation_memory is deprecated; .*_monitor"):
+        assert former.ActivationMemoryMonitor is ActivationMemoryMonitor

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_partial.selection import (
+from lit_partial.selectors import (
     SelectorError,
     as_selector_list,
     match_names,
@@ -148,7 +148,7 @@ def wide_model(blocks: int) -> nn.Module:
 
 
 def test_selection_does_linearly_many_match_operations() -> None:
-    from lit_partial.selection import count_match_operations
+    from lit_partial.selectors import count_match_operations
 
     counts = []
     for blocks in (100, 200, 400):
@@ -165,7 +165,7 @@ def test_selection_does_linearly_many_match_operations() -> None:
 
 def test_many_module_names_walk_the_parameters_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A list of k module names (the bottom half of a deep model) costs one walk over the parameters, not k."""
-    import lit_partial.selection as selection
+    import lit_partial.selectors as selection
 
     walks = []
     ancestors = selection._ancestors
@@ -194,7 +194,7 @@ def test_gc_paused_restores_the_collector_after_errors_and_nesting() -> None:
     import gc
 
     from lit_partial.errors import SelectorError
-    from lit_partial.selection import gc_paused
+    from lit_partial.selectors import gc_paused
 
     assert gc.isenabled()
     with gc_paused():
@@ -270,7 +270,7 @@ def test_class_selectors_see_modules_under_a_compiled_submodule() -> None:
         ("class:BatchNorm3d", r"did you mean 'class:BatchNorm2d', 'class:BatchNorm1d', 'class:SyncBatchNorm'\?"),
         ("class:torch.nn.Conv3d", r"Module; did you mean 'class:torch.nn.modules.conv.Conv2d'\?"),  # not in the model
         ("class:Embedding", r"matched no module of Module; its classes are \['class:BatchNorm1d', "),  # nothing close
-        ("class:torch.nn.Scaled", r"did you mean 'class:tests.test_selection.Scaled'"),  # the same last name
+        ("class:torch.nn.Scaled", r"did you mean 'class:tests.test_selectors.Scaled'"),  # the same last name
         ("class:not_imported_pkg.Layer", r"no imported module defines 'not_imported_pkg.Layer'"),
         ("class:torch.Tensor", r"names <class 'torch.Tensor'>, which is not a torch.nn.Module class"),
     ],
@@ -301,7 +301,7 @@ def test_match_names_refuses_class_selectors() -> None:
 
 
 def test_class_selectors_do_one_match_per_module_name() -> None:
-    from lit_partial.selection import count_match_operations
+    from lit_partial.selectors import count_match_operations
 
     for blocks in (100, 200):
         model = wide_model(blocks)
@@ -309,3 +309,13 @@ def test_class_selectors_do_one_match_per_module_name() -> None:
             chosen = select_parameters(model, "class:Linear")
         assert len(chosen) == 4 * blocks
         assert box[0] == 3 * blocks + 1  # blocks, blocks.i, blocks.i.0, blocks.i.1: one test per distinct class
+
+
+def test_lit_partial_selection_is_the_deprecated_name_of_selectors() -> None:
+    import lit_partial.selection as former
+    import lit_partial.selectors as selectors
+
+    with pytest.warns(DeprecationWarning, match=r"lit_partial.selection is deprecated; import select_modules from "):
+        assert former.select_modules is selectors.select_modules
+    with pytest.raises(AttributeError):
+        former.no_such_name  # noqa: B018
