@@ -57,6 +57,17 @@ def test_every_lm_preset_composes_with_the_experiment_and_instantiates(preset: s
     assert cfg.pretrain.model.lora_rank == 0 and cfg.pretrain.data.domain == "code" != cfg.data.domain
 
 
+def test_lm_presets_are_one_entry_named_lm_stem_in_the_partial_package() -> None:
+    for preset in LM_PRESETS:
+        path = CONF_DIR / "partial" / "lm" / f"{preset}.yaml"
+        header = path.read_text().splitlines()[0]
+        if header == "# @package _global_":  # lm/lora: model settings, PEFT does the freezing
+            assert set(OmegaConf.load(path)) == {"model"}, path.name
+            continue
+        assert header == "# @package partial", path.name
+        assert list(OmegaConf.load(path)) == [f"lm_{preset}"], path.name
+
+
 def test_the_freezing_presets_freeze_the_layers_they_name() -> None:
     model = instantiate(compose_train("experiment=lm").model, _convert_="all")
     total = sum(p.numel() for p in model.parameters())
