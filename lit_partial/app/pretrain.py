@@ -53,9 +53,12 @@ _NOT_IN_KEY = {
 
 def _stage_overrides(cfg: DictConfig, group: str) -> dict[str, Any]:
     """``pretrain.<group>``: the settings of ``group`` the pretraining stage uses instead of the fine-tuning ones."""
-    node = OmegaConf.to_container(cfg.pretrain.get(group) or {}, resolve=True)
-    assert isinstance(node, dict)
-    return {str(k): v for k, v in node.items()}
+    node = cfg.pretrain.get(group)
+    if not node:  # absent (a config composed without the schema) or empty
+        return {}
+    plain = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(plain, dict)
+    return {str(k): v for k, v in plain.items()}
 
 
 def _key_settings(cfg: DictConfig) -> dict[str, Any]:

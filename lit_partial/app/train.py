@@ -205,6 +205,12 @@ class TechniqueReport(Callback):
 
 def _run_name(cfg: DictConfig) -> str:
     if HydraConfig.initialized():
+        # As written on the command line: a list with a preset of another package (partial=[lm/lora,lora_fa],
+        # lm/lora is `@package _global_`) has only its other presets in runtime.choices["partial"].
+        for override in HydraConfig.get().overrides.task:
+            key, _, value = override.partition("=")
+            if key == "partial":
+                return value.strip("[]").replace(" ", "") or "none"
         choice = HydraConfig.get().runtime.choices.get("partial")
         if choice:
             return str(choice).strip("[]").replace(" ", "") or "none"

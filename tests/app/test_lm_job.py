@@ -9,6 +9,7 @@ parameters and optimizer-state bytes counted by hand, backward FLOPs of a plain 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ import lit_partial
 from lit_partial.app.compare import load_runs
 from lit_partial.app.config import CONF_DIR
 from lit_partial.selection import select_parameters
-from tests.helpers.cli import ROOT, TRAIN, compose_train, job_env
+from tests.helpers.cli import ROOT, TRAIN, compose_train, job_env, run_job
 
 pytest.importorskip("transformers")
 
@@ -54,6 +55,17 @@ def test_every_lm_preset_composes_with_the_experiment_and_instantiates(preset: s
     for conf in cfg.partial.values():
         assert type(instantiate(conf, _convert_="all")).__name__ == conf._target_.rpartition(".")[2]
     assert cfg.pretrain.model.lora_rank == 0 and cfg.pretrain.data.domain == "code" != cfg.data.domain
+
+
+def test_lm_presets_are_one_entry_named_lm_stem_in_the_partial_package() -> None:
+    for preset in LM_PRESETS:
+        path = CONF_DIR / "partial" / "lm" / f"{preset}.yaml"
+        header = path.read_text().splitlines()[0]
+        if header == "# @package _global_":  # lm/lora: model settings, PEFT does the freezing
+            assert set(OmegaConf.load(path)) == {"model"}, path.name
+            continue
+        assert header == "# @package partial", path.name
+        assert list(OmegaConf.load(path)) == [f"lm_{preset}"], path.name
 
 
 def test_the_freezing_presets_freeze_the_layers_they_name() -> None:
@@ -95,24 +107,49 @@ def _backward_flops(frozen: list[str]) -> int:
     return int(counter.get_total_flops() - before)
 
 
+def _reduced(cache: Path) -> list[str]:
+    """The reduced job: the tiny model, 1 pretraining epoch of 9 batches, sequences of 16 bytes."""
+    model = [f"model.{k}={v}" for k, v in TINY.items()]
+    return [
+        "experiment=lm",
+        *model,
+        "data.seq_len=16",
+        f"data.batch_size={BATCH}",
+        f"pretrain.cache_dir={cache}",
+        "pretrain.max_epochs=1",
+        "pretrain.batch_size=1024",
+    ]
+
+
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced job's pretrained model, shared by the tests of this module."""
+    cache = tmp_path_factory.mktemp("lm_pretrained")
+    proc = run_job(
+        *_reduced(cache),
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=0",
+        "callbacks=none",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        run_dir=tmp_path_factory.mktemp("lm_pretrain_run"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name.startswith("bytelm-code-") for p in cache.glob("*.pt")] == [True]
+    return cache
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_reduced_lm_comparison_reports_the_counted_costs(tmp_path: Path) -> None:
+def test_reduced_lm_comparison_reports_the_counted_costs(tmp_path: Path, lm_cache: Path) -> None:
     sweep = tmp_path / "sweep"
-    model = [f"model.{k}={v}" for k, v in TINY.items()]
     proc = subprocess.run(
         [
             sys.executable,
             str(TRAIN),
             "-m",
-            "experiment=lm",
-            "partial=none,lm/freeze_bottom,lm/lora,lm/checkpoint",
-            *model,
-            "data.seq_len=16",
-            f"data.batch_size={BATCH}",
-            f"pretrain.cache_dir={tmp_path / 'cache'}",
-            "pretrain.max_epochs=1",
-            "pretrain.batch_size=1024",
+            "partial=none,lm/freeze_bottom,lm/lora,[lm/lora,lora_fa],lm/checkpoint",
+            *_reduced(lm_cache),
             "trainer.limit_train_batches=8",
             "trainer.limit_val_batches=2",
             "costs.every_n_steps=4",
@@ -129,14 +166,27 @@ def test_reduced_lm_comparison_reports_the_counted_costs(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     runs = {r["name"]: r for r in load_runs(sweep)}
-    assert list(runs) == ["none", "lm/freeze_bottom", "lm/lora", "lm/checkpoint"]
+    assert list(runs) == ["none", "lm/freeze_bottom", "lm/lora", "lm/lora,lora_fa", "lm/checkpoint"]
     total = 2 * EMBED + 8 * PER_LAYER + 16
     top = 4 * PER_LAYER + 16 + EMBED
     lora = 8 * 8 * (4 * (16 + 16) + 2 * (16 + 32) + (32 + 16))  # rank 8 on q, k, v, o, gate, up, down; 8 layers
-    expected = {"none": total, "lm/freeze_bottom": top, "lm/lora": lora, "lm/checkpoint": total}
+    lora_b = 8 * 8 * (5 * 16 + 2 * 32)  # LoRA-FA: only B (out x rank) learns
+    expected = {
+        "none": total,
+        "lm/freeze_bottom": top,
+        "lm/lora": lora,
+        "lm/lora,lora_fa": lora_b,
+        "lm/checkpoint": total,
+    }
     assert {n: r["trainable_params"] for n, r in runs.items()} == expected
     # AdamW: exp_avg and exp_avg_sq (4 bytes an element) and a 4-byte step per parameter tensor that got gradients.
-    tensors = {"none": 75, "lm/freeze_bottom": 4 * 9 + 2, "lm/lora": 8 * 7 * 2, "lm/checkpoint": 75}
+    tensors = {
+        "none": 75,
+        "lm/freeze_bottom": 4 * 9 + 2,
+        "lm/lora": 8 * 7 * 2,
+        "lm/lora,lora_fa": 8 * 7,
+        "lm/checkpoint": 75,
+    }
     assert {n: r["optimizer_state_bytes"] for n, r in runs.items()} == {
         n: 8 * expected[n] + 4 * tensors[n] for n in runs
     }
@@ -153,3 +203,41 @@ def test_reduced_lm_comparison_reports_the_counted_costs(tmp_path: Path) -> None
     assert (sweep / "comparison.png").stat().st_size > 10_000
     assert "corpus: prose sha256 6843353a233d470e, code sha256 1018afb731f8fa80" in proc.stdout + proc.stderr
     assert json.loads((sweep / "0" / "costs.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "overrides",
+    [("partial=lm/lora",), ("partial=lm/freeze_bottom", "trainer.devices=2", "trainer.strategy=ddp_spawn")],
+    ids=["lora-peft", "freeze_bottom-ddp_spawn-2-processes"],
+)
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, lm_cache: Path, overrides: tuple[str, ...]) -> None:
+    common = (
+        *_reduced(lm_cache),
+        *overrides,
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",  # 8 steps over two epochs
+        "trainer.limit_val_batches=1",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+        "callbacks.learning_rate_monitor=null",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    )
+    reference = tmp_path / "reference"
+    assert (proc := run_job(*common, run_dir=reference)).returncode == 0, proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = run_job(
+        *common,
+        "+callbacks.killer={_target_:tests.helpers.cli_targets.KillAt,step:5}",
+        "extra_target_roots=[tests.helpers.cli_targets]",
+        run_dir=killed,
+        new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    proc = run_job(*common, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}", run_dir=resumed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (reference, resumed))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert any("lora_B" in k for k in a) == ("partial=lm/lora" in overrides)
