@@ -241,3 +241,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, lm_cache: Path, ov
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (reference, resumed))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert any("lora_B" in k for k in a) == ("partial=lm/lora" in overrides)
+
+
+def test_the_report_of_lm_runs_has_bits_per_byte_columns() -> None:
+    from lit_partial.app.compare import markdown_table
+
+    costs = {"forward_flops": 1e6, "trainable_params": 10, "saved_activation_bytes": 2048, "step_time_ms": 2.0}
+    rows = [
+        {"name": "none", "val_loss": 1.5, "val_bpb": 2.164, "forget_bpb": 3.0, "backward_flops": 4e6, **costs},
+        {"name": "lm/lora", "val_loss": 1.6, "val_bpb": 2.308, "forget_bpb": 2.9, "backward_flops": 1e6, **costs},
+    ]
+    for r in rows:
+        r["optimizer_state_bytes"] = 4096
+    lines = markdown_table(rows).splitlines()
+    assert lines[0].startswith("| technique (`partial=`) | val loss | val bpb | forget bpb | backward MFLOPs/step |")
+    assert lines[1] == "|---" * 11 + "|"
+    assert lines[3] == "| lm/lora | 1.600 | 2.308 | 2.900 | 1.00 | 0.25x | 10 | 2 | 4 | 2.0 | 1.00x |"

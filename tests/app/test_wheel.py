@@ -45,6 +45,7 @@ def test_the_wheel_holds_the_app_and_every_yaml_file_of_its_config_tree(wheel: z
     app_modules = {f"lit_partial/app/{p.name}" for p in (PACKAGE / "app").glob("*.py")}
     assert {"lit_partial/app/train.py", "lit_partial/app/compare.py"} <= app_modules <= names
     assert "lit_partial/py.typed" in names
+    assert "lit_partial/demos/data/stdlib_text.json.gz" in names  # the LLM job's corpus (experiment=lm)
     assert not any(n.startswith(("benchmarks/", "examples/", "scripts/", "tests/")) for n in names)
 
 
