@@ -147,7 +147,8 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
         "\n\nPer training step, averaged over the run: FLOPs and saved activation bytes of the measured steps "
         "(one in `costs.every_n_steps`) "
         "(torch.utils.flop_counter; bytes saved for backward when backward starts), trainable parameter elements "
-        "(requires_grad, less masked elements), optimizer state at the end, median wall time of the unmeasured steps "
+        "(requires_grad, less masked elements), the largest optimizer state (after the measured steps and at the end), "
+        "median wall time of the unmeasured steps "
         "(CPU, shared machine: noisy). SelectiveBackprop's scoring forward is in the time, not in the FLOPs.\n"
     )
     if _is_lm(rows):

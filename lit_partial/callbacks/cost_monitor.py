@@ -6,7 +6,9 @@ report is built from it) measures every ``every_n_steps``-th training batch with
 :class:`~lit_partial.functional.SavedTensorTracker` (bytes saved for backward when backward starts), counts
 trainable parameter elements (``requires_grad`` minus elements masked by ``GradientMasking``) on every batch,
 times the *other* batches (end of the previous batch to end of this one, so data loading and SelectiveBackprop's
-scoring pass are included; the first batch of each epoch is left out), and reads the optimizer state at the end.
+scoring pass are included; the first batch of each epoch is left out), and reads the optimizer state after every
+measured step and at the end: the largest is reported, as techniques that switch what trains (LISA, BAdam,
+AdaptiveFreezing) grow and drop state during the run; the state at the end is ``final_optimizer_state_bytes``.
 It only observes: a measured step computes exactly what an unmeasured one does.
 
 Example:
@@ -87,7 +89,8 @@ class CostMonitor(Callback):
         self.saved_bytes: list[int] = []
         self.trainable: list[int] = []
         self.step_seconds: list[float] = []
-        self.optimizer_bytes = 0
+        self.optimizer_bytes = 0  # the largest optimizer state read (measured steps and the end)
+        self.final_optimizer_bytes = 0
         self._flops: FlopCounterMode | None = None
         self._tracker: SavedTensorTracker | None = None
         self._before_backward = 0
@@ -131,6 +134,7 @@ class CostMonitor(Callback):
             self.forward_flops.append(total - self._backward)
             self.backward_flops.append(self._backward)
             self.saved_bytes.append(self._saved)
+            self.optimizer_bytes = max(self.optimizer_bytes, optimizer_state_bytes(list(trainer.optimizers)))
         elif batch_idx > 0 and self._last_end is not None:
             self.step_seconds.append(now - self._last_end)
         self._last_end = time.perf_counter()
@@ -141,7 +145,8 @@ class CostMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.optimizer_bytes = optimizer_state_bytes(list(trainer.optimizers))
+        self.final_optimizer_bytes = optimizer_state_bytes(list(trainer.optimizers))
+        self.optimizer_bytes = max(self.optimizer_bytes, self.final_optimizer_bytes)
         if self.path is not None and trainer.is_global_zero:
             metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
@@ -168,7 +173,7 @@ class CostMonitor(Callback):
         self._close()
 
     def summary(self) -> dict[str, float | int]:
-        """Means over the measured steps (FLOPs, saved bytes), all steps (trainable), median step time."""
+        """Means over the measured steps (FLOPs, saved bytes), all steps (trainable), peak state, median step time."""
 
         def mean(values: list[int]) -> float:
             return float(statistics.fmean(values)) if values else float("nan")
@@ -180,5 +185,6 @@ class CostMonitor(Callback):
             "saved_activation_bytes": mean(self.saved_bytes),
             "trainable_params": mean(self.trainable),
             "optimizer_state_bytes": self.optimizer_bytes,
+            "final_optimizer_state_bytes": self.final_optimizer_bytes,
             "step_time_ms": 1000 * statistics.median(self.step_seconds) if self.step_seconds else float("nan"),
         }
