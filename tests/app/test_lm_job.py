@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import lit_partial
 from lit_partial.app.compare import load_runs
 from lit_partial.app.config import CONF_DIR
-from lit_partial.selection import select_parameters
+from lit_partial.selectors import select_parameters
 from tests.helpers.cli import ROOT, TRAIN, compose_train, job_env, run_job
 
 pytest.importorskip("transformers")
@@ -81,6 +81,56 @@ def test_the_freezing_presets_freeze_the_layers_they_name() -> None:
     per_layer = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128
     assert trainable_without("freeze_bottom") == 4 * per_layer + 128 + 256 * 128  # layers 4-7, norm, lm_head
     assert trainable_without("freeze_tuning") == 2 * per_layer  # layers 6 and 7
+
+
+#: Fine-tuning steps of the job: one epoch of 1814 prose blocks in batches of 16.
+JOB_STEPS = 114
+
+
+def _preset(name: str) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "partial" / "lm" / f"{name}.yaml"))  # type: ignore[return-value]
+
+
+def test_the_layer_switching_presets_select_the_decoder_stack_and_fit_the_job() -> None:
+    from lit_partial.functional.layer_sampling import active_block
+    from lit_partial.selectors import select_modules
+
+    model = instantiate(compose_train("experiment=lm").model, _convert_="all")
+    layers = [f"model.model.layers.{i}" for i in range(8)]
+    lisa = _preset("lisa")["lm_lisa"]
+    assert [n for n, _ in select_modules(model, lisa["layers"])] == layers
+    assert (lisa["n_active"], lisa["reset_optimizer_state"]) == (2, True)
+    assert 0.02 * JOB_STEPS <= lisa["interval_steps"] <= 0.1 * JOB_STEPS  # a few % of the steps: many draws
+    badam = _preset("badam")
+    assert badam["lm_badam_frozen"]["frozen"] == ["model.model.embed_tokens", "model.model.norm", "model.lm_head"]
+    block = badam["lm_badam"]
+    assert [n for n, _ in select_modules(model, block["blocks"])] == layers
+    visited = {active_block(s, 8, block["switch_every"], block["order"]) for s in range(JOB_STEPS)}
+    assert visited == set(range(8))  # every block trains in the job's one epoch
+    frozen = _preset("adaptive_freezing")["lm_adaptive_freezing"]
+    assert [n for n, _ in select_modules(model, frozen["layers"])] == ["model.model.embed_tokens", *layers]
+    assert JOB_STEPS // frozen["every_n_steps"] >= 5  # several evaluations in the job
+    drop = _preset("drop_backward")["lm_drop_backward"]
+    branches = [n for n, _ in select_modules(model, drop["branches"])]
+    assert len(branches) == 16 and {n.rpartition(".")[2] for n in branches} == {"self_attn", "mlp"}
+    assert (drop["rate"], drop["allocation"]) == (0.5, "uniform")
+    tokens = _preset("token_selection")["lm_token_selection"]
+    assert (tokens["keep"], tokens["score"], tokens["scope"]) == (0.6, "loss", "rank")
+
+
+def test_byte_lm_training_loss_goes_through_token_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_partial.demos import ByteLM
+
+    model = ByteLM(**TINY)
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)  # no trainer
+    batch = (torch.randint(0, 256, (BATCH, TINY["seq_len"] + 1)),)
+    losses = model._token_losses(batch)
+    assert torch.equal(model.training_step(batch, 0), losses.mean())  # no TokenSelection: the plain mean, bit for bit
+    seen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+    monkeypatch.setattr(model, "token_loss", lambda losses, valid, batch: seen.append((losses, valid, batch)) or 0)
+    model.training_step(batch, 0)
+    ((got, valid, passed),) = seen  # TokenSelection's seam gets every byte's loss, all valid, and the batch
+    assert torch.equal(got, losses) and bool(valid.all()) and passed is batch
 
 
 def test_the_experiment_keeps_the_pretraining_cache_key_apart_from_the_fine_tuning_settings() -> None:
@@ -258,3 +308,50 @@ def test_the_report_of_lm_runs_has_bits_per_byte_columns() -> None:
     assert lines[0].startswith("| technique (`partial=`) | val loss | val bpb | forget bpb | backward MFLOPs/step |")
     assert lines[1] == "|---" * 11 + "|"
     assert lines[3] == "| lm/lora | 1.600 | 2.308 | 2.900 | 1.00 | 0.25x | 10 | 2 | 4 | 2.0 | 1.00x |"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reduced_lisa_badam_token_selection_report_the_counted_costs(tmp_path: Path, lm_cache: Path) -> None:
+    """8 steps: LISA's first two draws (interval 6), BAdam's first block (layer 7), TokenSelection keeping 60 %."""
+    from lit_partial.functional.layer_sampling import sample_layers
+
+    sweep = tmp_path / "sweep"
+    proc = run_job(
+        "-m",
+        "partial=lm/lisa,lm/badam,lm/token_selection",
+        *_reduced(lm_cache),
+        "trainer.limit_train_batches=8",
+        "trainer.limit_val_batches=1",
+        "costs.every_n_steps=4",
+        "logger=none",
+        "callbacks=none",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={sweep}",
+        run_dir=tmp_path / "unused",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    runs = {r["name"]: r for r in load_runs(sweep)}
+    assert list(runs) == ["lm/lisa", "lm/badam", "lm/token_selection"]
+    # LISA: 2 of the 8 layers, and the embeddings, final norm and lm_head (outside the stack) throughout; with
+    # reset_optimizer_state, AdamW holds the state of exactly these (2 x 9 + 3 tensors), also after the switch.
+    lisa = 2 * PER_LAYER + 2 * EMBED + 16
+    assert runs["lm/lisa"]["trainable_params"] == lisa
+    assert runs["lm/lisa"]["optimizer_state_bytes"] == runs["lm/lisa"]["final_optimizer_state_bytes"]
+    assert runs["lm/lisa"]["optimizer_state_bytes"] == 8 * lisa + 4 * (2 * 9 + 3)
+    # BAdam: one block (layer 7, descending) and nothing else: 9 tensors of state.
+    assert runs["lm/badam"]["trainable_params"] == PER_LAYER
+    assert runs["lm/badam"]["optimizer_state_bytes"] == 8 * PER_LAYER + 4 * 9
+    # Backward FLOPs (measured steps 0 and 4, both in LISA's first period) against a plain PyTorch step.
+    drawn = sample_layers(8, 2, 0, 0)
+    frozen = [f"model.model.layers.{i}" for i in range(8) if i not in drawn]
+    assert runs["lm/lisa"]["backward_flops"] == _backward_flops(frozen)
+    assert runs["lm/badam"]["backward_flops"] == _backward_flops(
+        ["model.model.embed_tokens", "model.model.layers.[0-6]", "model.model.norm", "model.lm_head"]
+    )
+    assert runs["lm/token_selection"]["backward_flops"] == _backward_flops([])  # a loss mask: the same backward
+    assert runs["lm/token_selection"]["trainable_params"] == 2 * EMBED + 8 * PER_LAYER + 16
+    tokens = BATCH * TINY["seq_len"]
+    summary = json.loads((sweep / "2" / "techniques.json").read_text())
+    assert summary == [["TokenSelection", [f"TokenSelection (loss, keep=0.6): backpropagated "
+                                           f"{8 * round(0.6 * tokens)} of {8 * tokens} tokens"]]]  # fmt: skip
