@@ -16,6 +16,8 @@ What the three have in common and none should write again (DESIGN §4.12):
   parameters it freezes later), broadcast from rank 0 at fit start, and the gradients of the units training now are
   averaged by us in ONE coalesced all-reduce per optimizer step, so ranks stay bit-identical without
   ``find_unused_parameters``.
+* **FSDP2.** ``fully_shard`` replaces the parameters after ``setup``: units are resolved again by name in
+  ``on_fit_start``. Every rank switches the same units at the same step, so all issue the same collectives.
 * **Teardown.** Every unit parameter gets back the ``requires_grad`` it had before the first switch.
 """
 
@@ -35,7 +37,13 @@ from lit_partial._compat import ddp_ignored_names, set_ddp_ignored_names
 from lit_partial._plain import to_plain
 from lit_partial.attach import Handle
 from lit_partial.callbacks.base import Technique
-from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, strategy_family, world_size
+from lit_partial.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    is_sharded,
+    strategy_family,
+    world_size,
+)
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import set_requires_grad
 from lit_partial.functional.layer_sampling import drop_optimizer_state
@@ -64,7 +72,7 @@ class UnitTechnique(Technique):
     Subclasses call :meth:`switch` from their step hooks and may override :meth:`check_units`.
     """
 
-    supported_strategies: ClassVar[tuple[str, ...]] = ("single", "ddp")
+    supported_strategies: ClassVar[tuple[str, ...]] = ("single", "ddp", "fsdp2")
     #: The constructor argument holding the unit selectors, for messages.
     units_argument: ClassVar[str] = "layers"
 
@@ -145,6 +153,9 @@ class UnitTechnique(Technique):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if is_sharded(trainer):  # fully_shard replaced the parameters by DTensor ones: the same names, new objects
+            params = dict(pl_module.named_parameters())
+            self.unit_params = [[(name, params[name]) for name, _ in unit] for unit in self.unit_params]
         self._ddp = strategy_family(trainer) == "ddp" and world_size() > 1
         if self._ddp:  # DDP broadcasts only what it registered; the units start identical too
             broadcast_parameters([p for params in self.unit_params for _, p in params])
