@@ -158,3 +158,10 @@ def test_bad_layers_selector_is_refused() -> None:
 def test_bad_layers_are_refused_at_setup(layers: Any, n_active: int, match: str) -> None:
     with pytest.raises((ConfigurationError, SelectorError), match=match):
         quiet_trainer(max_steps=1, callbacks=[LISA(layers, n_active, 1)]).fit(make(N), loader())
+
+
+def test_units_sharing_a_parameter_are_refused() -> None:
+    model = make(N)
+    model.blocks[1].fc1 = model.blocks[0].fc1  # tied
+    with pytest.raises(ConfigurationError, match=r"units 'blocks.0' and 'blocks.1' share a parameter"):
+        quiet_trainer(max_steps=1, callbacks=[LISA("blocks.*", 1, 1)]).fit(model, loader())
