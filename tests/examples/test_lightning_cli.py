@@ -10,8 +10,11 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lit_partial import (
+    LISA,
     ActivationDetach,
     ActivationMemoryMonitor,
+    AdaptiveFreezing,
+    BAdam,
     ConditionalDetach,
     ConditionalSkip,
     GradientMasking,
@@ -83,6 +86,12 @@ EXPECTED: dict[str, Callable[[], list[Callback]]] = {
         ActivationMemoryMonitor(every_n_steps=1),
     ],
     "selective_backprop": lambda: [SelectiveBackprop(keep=0.25, method="topk", start=0.1)],
+    "lisa": lambda: [LISA(layers="backbone.res.*", n_active=1, interval_steps=5, seed=0)],
+    "badam": lambda: [
+        LayerFreezing(frozen=["backbone.0", "backbone.1", "backbone.2", "head"]),
+        BAdam(blocks="backbone.res.*", switch_every=5, order="descending"),
+    ],
+    "adaptive_freezing": lambda: [AdaptiveFreezing(layers="backbone.res.*", every_n_steps=5, percentile=50)],
 }
 
 QUICK = [  # a short, quiet run
