@@ -24,10 +24,12 @@ from torch.nn.modules.batchnorm import _NormBase
 
 __all__ = [
     "DDP_IGNORE_ATTR",
+    "HF_CHECKPOINT_FUNC_ATTR",
     "SDPA_OP_NAMES",
     "ddp_ignored_names",
     "ddp_kwargs",
     "foreach_mul_",
+    "hf_checkpoint_layers",
     "is_op",
     "is_running_stats_norm",
     "module_class_names",
@@ -192,3 +194,17 @@ def torch_dispatch_mode() -> type:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     return TorchDispatchMode
+
+
+#: The attribute through which a Hugging Face ``GradientCheckpointingLayer`` calls its checkpoint function (set by
+#: ``gradient_checkpointing_enable()``; transformers has no public way to replace the function of one layer).
+HF_CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"
+
+
+def hf_checkpoint_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Hugging Face layers of ``model`` with gradient checkpointing enabled (and a checkpoint function set)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if getattr(m, "gradient_checkpointing", False) is True and HF_CHECKPOINT_FUNC_ATTR in m.__dict__
+    ]

@@ -70,6 +70,7 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
+from lit_partial.functional.frozen_checkpointing import frozen_aware_checkpointing
 from lit_partial.module import attached_trainer
 from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
@@ -332,6 +333,7 @@ class LayerFreezing(Technique):
         self._check_schedule(pl_module)
         self._exclude_from_ddp(trainer, pl_module)
         self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
+        self.handles.add(frozen_aware_checkpointing(pl_module))  # HF checkpointing skips what is frozen (#23)
 
     @override
     def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
