@@ -15,8 +15,9 @@ PY := $(VENV)/bin/python
 STAMP_TRAIN := $(VENV)/.lit_partial-train
 STAMP_TEST := $(VENV)/.lit_partial-test
 STAMP_DEV := $(VENV)/.lit_partial-dev
+STAMP_DOCS := $(VENV)/.lit_partial-docs
 
-.PHONY: venv train compare test lint typecheck bench clean-venv
+.PHONY: venv train compare test lint typecheck bench docs clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ $(STAMP_DEV): pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@ $(STAMP_TEST) $(STAMP_TRAIN)
 
+$(STAMP_DOCS): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[docs]"
+	@touch $@
+
 train: $(STAMP_TRAIN)  ## pretrain on digits 0-4 (cached), fine-tune on 5-9 with the backbone frozen for epoch 0
 	$(PY) scripts/train.py partial=freeze_then_unfreeze $(OVERRIDES)
 
@@ -53,6 +58,7 @@ test: $(STAMP_TEST)
 lint: $(STAMP_DEV)
 	$(PY) -m ruff check lit_partial benchmarks examples tests scripts
 	$(PY) -m ruff format --check lit_partial benchmarks examples tests scripts
+	$(VENV)/bin/lint-imports  ## the one-way layers of [tool.importlinter] in pyproject.toml
 
 typecheck: $(STAMP_DEV)
 	$(PY) -m mypy lit_partial
@@ -60,5 +66,21 @@ typecheck: $(STAMP_DEV)
 bench: $(STAMP_TRAIN)  ## the measured claims (benchmarks/, a checkout only): every section, results in benchmark_results/
 	$(PY) -m benchmarks
 
+docs: $(STAMP_DOCS)  ## the documentation site (docs/), warnings are errors: HTML in docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 clean-venv:
 	rm -rf .venv
+
+# The LLM job (experiment=lm, docs/lm_job.md): a byte-level Llama pretrained on Python source (cached), fine-tuned
+# on English prose with each preset of COMPARE_LM; one Hydra multirun, then comparison.md/.png in the sweep folder.
+COMPARE_LM ?= none,lm/freeze_bottom,lm/freeze_tuning,lm/detach_bottom,lm/lora,[lm/lora,lora_fa],lm/checkpoint,lm/selective_checkpoint
+STAMP_LM := $(VENV)/.lit_partial-lm
+
+$(STAMP_LM): pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[demo,hf]"
+	@touch $@ $(STAMP_TRAIN)
+
+.PHONY: compare-lm
+compare-lm: $(STAMP_LM)  ## every LLM preset of COMPARE_LM on the same job, then the bits-per-byte-vs-cost report
+	$(PY) scripts/train.py -m experiment=lm 'partial=$(COMPARE_LM)' $(OVERRIDES)

@@ -208,3 +208,11 @@ def hf_checkpoint_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, m in model.named_modules()
         if getattr(m, "gradient_checkpointing", False) is True and HF_CHECKPOINT_FUNC_ATTR in m.__dict__
     ]
+
+
+def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
+    """``torch._foreach_add_``: add ``others`` into ``tensors`` in one C++ call (AdaptiveFreezing's gradient sums)."""
+    torch._foreach_add_(list(tensors), list(others))
+
+
+__all__ += ["foreach_add_"]

@@ -27,14 +27,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from lit_partial.attach import batch_transforms, gate_functions, record_gate, register_batch_transform, register_gate
+from lit_partial._checkpoint import check_checkpoint_techniques, claim_legacy_states, is_technique
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.token_selection import masked_token_mean
+from lit_partial.handles import (
+    batch_transforms,
+    gate_functions,
+    record_gate,
+    register_batch_transform,
+    register_gate,
+)
 from lit_partial.summary import format_summary, summarize, tie_notes
+from lit_partial.tbptt import tbptt_training_step
 
 __all__ = [
     "TOKEN_LOSS_GATE",
@@ -79,6 +87,9 @@ class PartialBackpropMixin:
     ``super()`` in any ``on_after_batch_transfer`` you override. It adds no ``__init__`` and no state to
     the checkpoint, so it cooperates with any ``super().__init__()`` chain.
     """
+
+    #: Tells :func:`register_batch_transform` that this class runs them (``lit_partial.handles`` imports no mixin).
+    __lit_partial_batch_transforms__: ClassVar[bool] = True
 
     def gate(self, name: str, x: Any) -> Any:
         """A named point in ``forward``: returns ``x`` unchanged unless a callback rules on ``name``.
@@ -131,8 +142,13 @@ class PartialBackpropMixin:
             **defaults: Optimizer options for every group, e.g. ``lr=1e-3``.
 
         Example:
-            >>> def configure_optimizers(self):  # doctest: +SKIP
-            ...     return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
+            >>> import lightning as L, torch
+            >>> from lit_partial.demos import DigitsClassifier
+            >>> class Net(DigitsClassifier):  # a PartialBackpropMixin LightningModule
+            ...     def configure_optimizers(self):
+            ...         return torch.optim.AdamW(self.partial_param_groups(lr=1e-3))
+            >>> [(len(group["params"]), group["lr"]) for group in Net().partial_param_groups(lr=1e-3)]  # no trainer
+            [(11, 0.001)]
         """
         trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
         planners = [
@@ -164,11 +180,15 @@ class PartialBackpropMixin:
         :func:`lit_partial.tbptt.tbptt_training_step`.
 
         Example:
-            >>> def training_step(self, batch, batch_idx):  # doctest: +SKIP
-            ...     return self.tbptt_step(batch, k=4, step_fn=self.chunk_step)
+            >>> import lightning as L
+            >>> from lit_partial.demos import DigitsDataModule, DigitsRNN
+            >>> model = DigitsRNN(tbptt_steps=4)  # its training_step: self.tbptt_step(batch, k=4, step_fn=...)
+            >>> trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            ...                     enable_model_summary=False, limit_val_batches=0)
+            >>> trainer.fit(model, DigitsDataModule(sequence=True))
+            >>> trainer.global_step  # optimizer steps: one per chunk of 4 rows, 2 per batch of 8-row digits
+            2
         """
-        from lit_partial.tbptt import tbptt_training_step  # the logic lives in tbptt.py
-
         return tbptt_training_step(self, batch, k, step_fn, **kwargs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -188,9 +208,9 @@ class PartialBackpropMixin:
             CheckpointMismatchError: Naming the technique whose state would be dropped and the fix.
         """
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]  # mixin: LightningModule next
-        from lit_partial.callbacks.base import Technique, check_checkpoint_techniques  # imported late: a cycle
-
         trainer = attached_trainer(self)  # type: ignore[arg-type]  # a mixin: self is the LightningModule
-        callbacks = trainer.callbacks if trainer is not None else []
-        if not any(isinstance(cb, Technique) for cb in callbacks):
+        techniques = [cb for cb in (trainer.callbacks if trainer is not None else []) if is_technique(cb)]
+        # Runs before any callback hook: states saved under a legacy key reach their technique without a warning.
+        claim_legacy_states(checkpoint, techniques)
+        if not techniques:
             check_checkpoint_techniques(checkpoint, [])

@@ -205,3 +205,10 @@ def test_hugging_face_layers_keep_their_checkpoint_function_where_lit_partial_re
         "lit_partial/_compat.py"
     )
     assert all(callable(m.__dict__[HF_CHECKPOINT_FUNC_ATTR]) for m in layers.values())
+
+
+def test_foreach_add_adds_in_place() -> None:
+    assert hasattr(torch, "_foreach_add_"), upgrade("torch._foreach_add_")
+    a, b = [torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.zeros(3)]
+    _compat.foreach_add_(a, b)
+    assert a[0].tolist() == [3.0, 3.0] and a[1].tolist() == [1.0, 1.0, 1.0], upgrade("torch._foreach_add_")

@@ -128,11 +128,11 @@ def test_gate_compiles_to_nothing_when_no_rule_uses_it() -> None:
 
 @pytest.mark.slow
 def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
-    def fit(epochs: int, ckpt: Path | None = None, save: Path | None = None) -> TinyNet:
+    def fit(epochs: int, ckpt: Path | None = None, save: Path | None = None, drop: bool = True) -> TinyNet:
         torch.manual_seed(0)
         model = TinyNet()
         model.compile(backend=BACKEND)
-        trainer = quiet_trainer(max_epochs=epochs, callbacks=[StochasticDepth("blocks.*", 0.5)])
+        trainer = quiet_trainer(max_epochs=epochs, callbacks=[StochasticDepth("blocks.*", 0.5)] if drop else [])
         trainer.fit(model, tiny_loader(), ckpt_path=ckpt)
         if save is not None:
             trainer.save_checkpoint(save)
@@ -145,6 +145,9 @@ def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
     with dynamo_counts():
         resumed = fit(3, ckpt=tmp_path / "mid.ckpt")
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
+    with dynamo_counts():
+        plain = fit(3, drop=False)  # blocks were dropped: the run is not plain training
+    assert any(not torch.equal(plain.state_dict()[k], v) for k, v in full.state_dict().items())
 
 
 def test_selectors_see_through_a_submodule_compiled_in_place() -> None:

@@ -4,7 +4,9 @@ After ``lit-partial-train -m partial=none,freeze_backbone,...`` Hydra calls :cla
 (``hydra.callbacks`` in ``conf/train.yaml``), which reads every job's ``costs.json`` (written by
 :class:`lit_partial.callbacks.CostMonitor`) and writes ``comparison.md`` (a Markdown table) and
 ``comparison.png`` (accuracy against backward FLOPs, saved activation bytes and trainable parameters) into the
-sweep folder. On its own: ``lit-partial-compare <sweep folder>`` (:func:`main`).
+sweep folder. Runs of the LLM job (``experiment=lm``) show bits per byte on the fine-tuning and the pretraining
+domain instead of accuracy, and the optimizer state as a fourth panel. On its own:
+``lit-partial-compare <sweep folder>`` (:func:`main`).
 
 Example:
     >>> rows = [{"name": "none", "val_acc": 0.98, "backward_flops": 2e6, "forward_flops": 1e6,
@@ -26,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
-__all__ = ["ComparisonReport", "load_runs", "main", "markdown_table", "write_report"]
+__all__ = ["LM_COLUMNS", "ComparisonReport", "load_runs", "main", "markdown_table", "write_report"]
 
 log = logging.getLogger("train")
 
@@ -52,17 +54,36 @@ def _ratio(value: float, ref: float) -> str:
     return f"{ratio:.2g}x" if 0 < ratio < 0.1 else f"{ratio:.2f}x"
 
 
+#: The quality columns of a run of the LLM job (experiment=lm): ``(header, key)``; lower is better.
+LM_COLUMNS = (("val loss", "val_loss"), ("val bpb", "val_bpb"), ("forget bpb", "forget_bpb"))
+
+
+def _is_lm(rows: list[dict[str, Any]]) -> bool:
+    """Runs of the LLM job (they log bits per byte, not accuracy)."""
+    return any("val_bpb" in r for r in rows)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table; ratios are relative to the ``none`` run (or the first one)."""
+    """The comparison as a Markdown table; ratios are relative to the ``none`` run (or the first one).
+
+    Runs of the LLM job (``experiment=lm``, rows with ``val_bpb``) get the columns ``val loss``, ``val bpb``
+    and ``forget bpb`` (bits per byte on the pretraining domain) in place of ``val acc``.
+    """
     ref = _reference(rows)
+    lm = _is_lm(rows)
+    quality = " | ".join(h for h, _ in LM_COLUMNS) if lm else "val acc"
     header = (
-        "| technique (`partial=`) | val acc | backward MFLOPs/step | backward vs none | trainable params "
+        f"| technique (`partial=`) | {quality} | backward MFLOPs/step | backward vs none | trainable params "
         "| saved activations KiB | optimizer state KiB | ms/step | time vs none |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---" * (9 + (len(LM_COLUMNS) - 1 if lm else 0)) + "|"]
     for r in rows:
+        if lm:
+            values = " | ".join(f"{r.get(k, math.nan):.3f}" for _, k in LM_COLUMNS)
+        else:
+            values = f"{r.get('val_acc', math.nan):.3f}"
         lines.append(
-            f"| {r['name']} | {r.get('val_acc', math.nan):.3f} | {r['backward_flops'] / 1e6:.2f} "
+            f"| {r['name']} | {values} | {r['backward_flops'] / 1e6:.2f} "
             f"| {_ratio(r['backward_flops'], ref['backward_flops'])} | {r['trainable_params']:,.0f} "
             f"| {r['saved_activation_bytes'] / 1024:.0f} | {r['optimizer_state_bytes'] / 1024:.0f} "
             f"| {r['step_time_ms']:.1f} | {_ratio(r['step_time_ms'], ref['step_time_ms'])} |"
@@ -71,32 +92,46 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against the deterministic costs (backward FLOPs, saved activations, trainable parameters)."""
+    """Quality against the deterministic costs (backward FLOPs, saved activations, trainable parameters, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (
+    lm = _is_lm(rows)
+    panels = [
         ("backward_flops", "backward MFLOPs per step", 1e6, "linear"),
         ("saved_activation_bytes", "activations saved for backward (KiB)", 1024.0, "linear"),
         ("trainable_params", "trainable parameters (log scale)", 1.0, "log"),
-    )
+    ]
+    if lm:
+        panels.append(("optimizer_state_bytes", "optimizer state (KiB, log scale)", 1024.0, "log"))
+    ys = (("val_bpb", "prose bits per byte"), ("forget_bpb", "code bits per byte (forgetting)")) if lm else (
+        ("val_acc", "validation accuracy"),
+    )  # fmt: skip
     markers = "osD^vP*Xhp<>"
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.8), sharey=True)
-    for ax, (key, label, scale, xscale) in zip(axes, panels, strict=True):
-        for i, r in enumerate(rows):
-            ax.scatter(
-                [r[key] / scale], [r.get("val_acc", math.nan)], s=60, marker=markers[i % len(markers)], label=r["name"]
-            )
-        ax.set_xscale(xscale)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy")
-    handles, labels = axes[0].get_legend_handles_labels()
+    fig, grid = plt.subplots(
+        len(ys), len(panels), figsize=(4 * len(panels) + 3, 4.4 * len(ys) + 0.4), sharey="row", squeeze=False
+    )
+    for row_axes, (ykey, ylabel) in zip(grid, ys, strict=True):
+        for ax, (key, label, scale, xscale) in zip(row_axes, panels, strict=True):
+            for i, r in enumerate(rows):
+                x = max(r[key] / scale, 1e-3) if xscale == "log" else r[key] / scale
+                ax.scatter([x], [r.get(ykey, math.nan)], s=60, marker=markers[i % len(markers)], label=r["name"])
+            ax.set_xscale(xscale)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        row_axes[0].set_ylabel(ylabel)
+    handles, labels = grid[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 6), frameon=False)
-    fig.suptitle("Fine-tuning digits 5-9 from a backbone pretrained on 0-4: accuracy against cost, per technique")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    title = (
+        "Fine-tuning a byte-level Llama pretrained on Python source on English prose: bits per byte (lower is better)"
+        " against cost"
+        if lm
+        else "Fine-tuning digits 5-9 from a backbone pretrained on 0-4: accuracy against cost, per technique"
+    )
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.1 if len(ys) == 1 else 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -114,6 +149,11 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
         "(requires_grad, less masked elements), optimizer state at the end, median wall time of the unmeasured steps "
         "(CPU, shared machine: noisy). SelectiveBackprop's scoring forward is in the time, not in the FLOPs.\n"
     )
+    if _is_lm(rows):
+        notes += (
+            "\nLLM job: val = held-out English prose (the fine-tuning domain), forget = held-out Python source (the "
+            "pretraining domain); bpb = bits per byte = mean token cross-entropy / ln 2 (a token is a byte).\n"
+        )
     md.write_text(f"# Comparison ({sweep})\n\n{markdown_table(rows)}{notes}")
     _plot(rows, png)
     return md, png

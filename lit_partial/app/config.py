@@ -27,7 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from lit_partial.config import constructor_schema, trainer_schema
-from lit_partial.demos import DigitsClassifier, DigitsDataModule, DigitsRNN
+from lit_partial.demos import ByteLM, DigitsClassifier, DigitsDataModule, DigitsRNN, TextDataModule
 
 __all__ = [
     "CONF_DIR",
@@ -54,6 +54,10 @@ class PretrainConfig:
     transfer: str = "backbone"
     cache_dir: str = "outputs/pretrained"
     force: bool = False
+    # Settings of the pretraining stage in place of the fine-tuning ones (the LLM job: data {domain: code},
+    # model {lora_rank: 0}); a non-empty `data` replaces `classes` (no class overlap check, no relabelling).
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,7 +116,8 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for name in ("train_schema", "main_schema"):
         store.store(name=name, node=schema)
-    for group, classes in (("model", (DigitsClassifier, DigitsRNN)), ("data", (DigitsDataModule,))):
+    models, datas = (DigitsClassifier, DigitsRNN, ByteLM), (DigitsDataModule, TextDataModule)
+    for group, classes in (("model", models), ("data", datas)):
         for cls in classes:
             store.store(group=f"schema/{group}", name=cls.__name__, node=constructor_schema(cls))
     if not OmegaConf.has_resolver("num_classes"):

@@ -242,7 +242,10 @@ def _train(cfg: DictConfig, extra_callbacks: tuple[Callback, ...]) -> dict[str, 
     model = instantiate(cfg.model, _convert_="all")
     if pretrained is not None:
         copied = load_pretrained(model, pretrained, cfg.pretrain.transfer)
-        log.info(f"fine-tuning digits {list(cfg.data.get('classes') or range(10))} from {copied} pretrained tensors")
+        task = f"digits {list(cfg.data.get('classes') or range(10))}"
+        if cfg.pretrain.get("data"):  # the LLM job (experiment=lm): a data domain, not digits
+            task = f"{type(datamodule).__name__}({', '.join(f'{k}={cfg.data[k]}' for k in cfg.pretrain.data)})"
+        log.info(f"fine-tuning on {task} from {copied} pretrained tensors")
     technique_callbacks = _instantiate_group(cfg.get("partial"), "partial")
     callbacks: list[Callback] = [RngState(), *_instantiate_group(cfg.get("callbacks"), "callbacks", left_out)]
     callbacks += technique_callbacks

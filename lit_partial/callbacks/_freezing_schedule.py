@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from lit_partial._plain import to_plain
-from lit_partial.conditions import Condition, Metric, Plateau, parse_condition
+from lit_partial.conditions import Condition, parse_condition
 from lit_partial.errors import ConditionError, ConfigurationError
 from lit_partial.selection import as_selector_list
 
@@ -76,7 +76,7 @@ class ScheduleEntry:
         parts = [f"unfreeze {', '.join(self.unfreeze)}" if self.unfreeze else ""]
         parts.append(f"freeze {', '.join(self.freeze)}" if self.freeze else "")
         scale = f" (lr_scale {self.lr_scale:.3g})" if self.lr_scale != 1.0 else ""
-        when = f"when {_describe_condition(self.when)}" if self.when is not None else f"{self.kind} {self.point}"
+        when = f"when {self.when.describe()}" if self.when is not None else f"{self.kind} {self.point}"
         return f"{when}: " + "; ".join(p for p in parts if p) + scale
 
     @property
@@ -107,15 +107,6 @@ def group_names(entries: Sequence[ScheduleEntry]) -> list[str | None]:
     ]
     still = Counter(name for name in names if name is not None)
     return [name if name is None or still[name] == 1 else f"{name}#{i}" for i, name in enumerate(names)]
-
-
-def _describe_condition(cond: Condition) -> str:
-    if isinstance(cond, Plateau):
-        delta = f", min_delta {cond.min_delta:g}" if cond.min_delta else ""
-        return f"{cond.name} plateaus ({cond.mode}, patience {cond.patience}{delta})"
-    if isinstance(cond, Metric):
-        return f"{cond.name} {cond.op} {cond.value:g}"
-    return repr(cond)
 
 
 def _when(where: str, spec: Any) -> Condition:

@@ -19,24 +19,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.attach import watch_gates
 from lit_partial.callbacks._metrics import MetricRecorder
 from lit_partial.callbacks.base import Technique
-from lit_partial.conditions import (
-    AllOf,
-    Always,
-    AnyOf,
-    Condition,
-    ConditionError,
-    Never,
-    Probability,
-    Statistic,
-    StepContext,
-    parse_condition,
-)
-from lit_partial.distributed import allow_unused_parameters, holds_on_all_ranks
+from lit_partial.conditions import Condition, ConditionError, Never, StepContext, parse_condition
+from lit_partial.distributed import allow_unused_parameters
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.gradients import detach_if, scale_grad
+from lit_partial.handles import watch_gates
 from lit_partial.module import PartialBackpropMixin
 from lit_partial.selection import CLASS_PREFIX, SelectorError, as_selector_list, canonical_name, select_modules
 from lit_partial.tree import first_tensor
@@ -54,10 +43,23 @@ class Rule:
     grad_scale: float = 0.0
     per_sample: bool = False
 
+    def to_spec(self, *, grad_scale: bool = True) -> dict[str, Any]:
+        """The rule as the plain data it parses from, every default filled in (``grad_scale`` where rules have it).
+
+        Example:
+            >>> parse_rules({"stem": {"steps": [0, 2]}}, who="X", allow_grad_scale=True)["stem"].to_spec()
+            {'when': {'steps': [0, 2]}, 'grad_scale': 0.0, 'per_sample': False}
+        """
+        spec: dict[str, Any] = {"when": self.condition.to_spec()}
+        if grad_scale:
+            spec["grad_scale"] = self.grad_scale
+        spec["per_sample"] = self.per_sample
+        return spec
+
     @property
     def cuts_graph(self) -> bool:
         """True when the rule can leave upstream parameters without any gradient on some step."""
-        return not self.per_sample and self.grad_scale == 0.0 and not isinstance(self.condition, Never)
+        return not self.per_sample and self.grad_scale == 0.0 and self.condition.constant is not False
 
 
 def parse_rules(rules: Any, *, who: str, allow_grad_scale: bool) -> dict[str, Rule]:
@@ -103,58 +105,6 @@ def _parse_rule(key: str, spec: Any, *, who: str, allow_grad_scale: bool) -> Rul
     return Rule(key, parse_condition(spec["when"]), float(scale), per_sample)
 
 
-def sample_mask(cond: Condition, ctx: StepContext, x: Tensor, salt: str) -> Tensor:
-    """Evaluate ``cond`` per batch row of ``x``: a bool ``(B,)`` tensor on ``x``'s device.
-
-    Statistics and probabilities are per row; step/epoch windows hold for the whole batch.
-    """
-    batch = x.shape[0]
-    if isinstance(cond, Statistic):
-        return cond.per_sample(x)
-    if isinstance(cond, Probability):
-        return cond.per_sample(ctx, batch, salt=salt, device=x.device)
-    if isinstance(cond, AnyOf):  # before AllOf: AnyOf subclasses it
-        masks = [sample_mask(c, ctx, x, salt) for c in cond.conditions]
-        return torch.stack(masks).any(0)
-    if isinstance(cond, AllOf):
-        masks = [sample_mask(c, ctx, x, salt) for c in cond.conditions]
-        return torch.stack(masks).all(0)
-    return torch.full((batch,), bool(cond(ctx, x, salt=salt)), dtype=torch.bool, device=x.device)
-
-
-def decide(rule: Rule, ctx: StepContext, x: Tensor | None, salt: str) -> bool | Tensor:
-    """Whether ``rule`` holds now: a bool, or a ``(B,)`` bool tensor for per-sample rules.
-
-    Under a sharded strategy (``ctx.sharded``, FSDP2) a whole-batch decision is the same on every rank (a
-    statistic is computed over all ranks' activations); per-sample decisions stay per rank, since they never
-    change which parameters get gradients.
-
-    Raises:
-        ConditionError: If the rule needs an activation and ``x`` holds no floating-point tensor.
-    """
-    if x is None and (rule.per_sample or rule.condition.needs_activation):
-        raise ConditionError(
-            f"rule {rule.key!r} on {salt!r} needs a floating-point tensor (a statistic or per-sample rule), but the "
-            "module's output holds none; rule on a module that returns a float tensor, tuple or dict of them."
-        )
-    if rule.per_sample:
-        if x.dim() == 0:  # type: ignore[union-attr]  # None raised above
-            raise ConditionError(f"per-sample rule {rule.key!r} on {salt!r} got a 0-d tensor; it needs a batch dim.")
-        return sample_mask(rule.condition, ctx, x, salt)  # type: ignore[arg-type]  # None raised above
-    if ctx.sharded:  # FSDP2: ranks deciding differently would issue different collectives and hang
-        return holds_on_all_ranks(rule.condition, ctx, x, salt)
-    return bool(rule.condition(ctx, x if rule.condition.needs_activation else None, salt=salt))
-
-
-def apply_rule(rule: Rule, ctx: StepContext, name: str, output: Any) -> tuple[Any, bool | Tensor]:
-    """Decide ``rule`` on ``output`` (of the module or gate ``name``) and detach or scale its gradient accordingly.
-
-    Returns the (possibly) changed output and the decision (a bool, or a ``(B,)`` bool tensor per sample).
-    """
-    decision = decide(rule, ctx, first_tensor(output), salt=name)
-    return apply_decision(rule, decision, output), decision
-
-
 def may_hold(decision: Tensor) -> bool:
     """Whether a per-sample decision may hold for some row (True while compiling: no host sync in a graph).
 
@@ -187,19 +137,8 @@ def apply_decision(rule: Rule, decision: bool | Tensor, output: Any) -> Any:
 # (statistics) is left as a bound condition whose other leaves are already decided, and evaluated in the hook.
 
 EVALUATE = "evaluate"  # Target.decision when the hook must evaluate `Target.bound` on the activation
-_ALWAYS, _NEVER = Always(), Never()
+_NEVER = Never()
 _NO_CONTEXT = StepContext()  # what a bound condition is called with: its step-dependent leaves are decided already
-
-
-@dataclass(frozen=True)
-class _Rows(Condition):
-    """A per-sample draw of ``source`` made before the step: row mask ``Target.rows[index]``."""
-
-    index: int
-    source: Probability
-
-    def __call__(self, ctx: StepContext, x: Tensor | None = None, *, salt: str = "") -> bool:
-        raise ConditionError("a per-sample draw has no whole-batch value")  # pragma: no cover - never bound so
 
 
 @dataclass(eq=False)
@@ -216,7 +155,7 @@ class Target:
         ctx: This step's context (only for per-sample draws whose batch size is known only in forward, and for
             statistics decided over all ranks).
         sharded: Whether this step runs under a sharded strategy (FSDP2): whole-batch statistics are then decided
-            over all ranks (:func:`lit_partial.distributed.holds_on_all_ranks`).
+            over all ranks (:meth:`~lit_partial.conditions.Condition.agreed`).
         observed: Where the hook puts the decisions it makes itself, for counting after the step.
     """
 
@@ -233,15 +172,15 @@ class Target:
     def begin(self, ctx: StepContext, batch_size: int | None) -> tuple[float, float] | None:
         """Decide the rule for this step; returns ``(hits, total)`` when decided, None when left to the hook."""
         rule, rows = self.rule, list[Tensor]()
-        bound = _bind(rule.condition, ctx, self.name, rule.per_sample, rows, batch_size)
+        bound = rule.condition.bind(ctx, salt=self.name, per_sample=rule.per_sample, rows=rows, batch_size=batch_size)
         # The same object for the same pattern: Dynamo guards objects by identity.
         self.bound = self._interned.setdefault(bound, bound)
         self.rows, self.ctx, self.sharded = rows, ctx, ctx.sharded
-        if not rule.per_sample and isinstance(bound, Always | Never):
-            self.decision = isinstance(bound, Always)
+        if not rule.per_sample and bound.constant is not None:
+            self.decision = bound.constant
             return float(self.decision), 1.0
-        if rule.per_sample and batch_size is not None and _decided(bound):
-            mask = _row_mask(bound, self, None, batch_size)
+        if rule.per_sample and batch_size is not None and bound.is_decided:
+            mask = bound.per_row(ctx, None, batch_size, salt=self.name, rows=rows)
             self.decision = mask
             return float(mask.sum()), float(mask.numel())
         self.decision = EVALUATE
@@ -259,7 +198,7 @@ class Target:
         x = first_tensor(output)
         if isinstance(decision, Tensor):  # rows drawn at the loader's batch size: redrawn if the module's differs
             if x is not None and x.dim() > 0 and x.shape[0] != decision.shape[0]:  # static shapes: free when compiled
-                return _row_mask(self.bound, self, x, x.shape[0])
+                return self.bound.per_row(self.ctx, x, x.shape[0], salt=self.name, rows=self.rows, device=x.device)
             return decision
         rule = self.rule
         if x is None:
@@ -273,60 +212,15 @@ class Target:
                 raise ConditionError(
                     f"per-sample rule {rule.key!r} on {self.name!r} got a 0-d tensor; it needs a batch dim."
                 )
-            made: bool | Tensor = _row_mask(self.bound, self, x, x.shape[0])
+            made: bool | Tensor = self.bound.per_row(
+                self.ctx, x, x.shape[0], salt=self.name, rows=self.rows, device=x.device
+            )
         elif self.sharded:  # FSDP2: the statistic over all ranks, so every rank runs the same collectives
-            made = holds_on_all_ranks(self.bound, self.ctx, x, self.name)
+            made = self.bound.agreed(self.ctx, x, salt=self.name)
         else:
             made = bool(self.bound(_NO_CONTEXT, x, salt=self.name))  # a statistic: the data choose the graph
         self.observed.append((rule.key, made))
         return made
-
-
-def _decided(cond: Condition) -> bool:
-    """True when ``cond`` (bound) needs no activation: only decided leaves and precomputed row draws."""
-    if isinstance(cond, AllOf):
-        return all(_decided(c) for c in cond.conditions)
-    return isinstance(cond, Always | Never | _Rows)
-
-
-def _bind(
-    cond: Condition, ctx: StepContext, salt: str, per_sample: bool, rows: list[Tensor], batch_size: int | None
-) -> Condition:
-    """``cond`` with every leaf that does not read the activation decided at ``ctx`` (Always / Never / _Rows)."""
-    if isinstance(cond, Statistic):
-        return cond
-    if isinstance(cond, AllOf):  # AnyOf too
-        either = isinstance(cond, AnyOf)
-        absorbing, neutral = (_ALWAYS, _NEVER) if either else (_NEVER, _ALWAYS)
-        parts = [_bind(c, ctx, salt, per_sample, rows, batch_size) for c in cond.conditions]
-        if any(p == absorbing for p in parts):
-            return absorbing
-        kept = tuple(p for p in parts if p != neutral)
-        return neutral if not kept else kept[0] if len(kept) == 1 else type(cond)(kept)
-    if per_sample and isinstance(cond, Probability):
-        if batch_size is None:
-            return cond  # drawn in the hook, at the activation's batch size
-        rows.append(cond.per_sample(ctx, batch_size, salt=salt))
-        return _Rows(len(rows) - 1, cond)
-    return _ALWAYS if cond(ctx, None, salt=salt) else _NEVER
-
-
-def _row_mask(cond: Condition, target: Target, x: Tensor | None, batch_size: int) -> Tensor:
-    """A bound condition per batch row: a ``(batch_size,)`` bool tensor (on ``x``'s device when given)."""
-    device = x.device if x is not None else None
-    if isinstance(cond, _Rows):
-        mask = target.rows[cond.index]
-        if mask.shape[0] != batch_size:  # the module's batch differs from the loader's: draw at its size
-            mask = cond.source.per_sample(target.ctx, batch_size, salt=target.name)
-        return mask.to(device) if device is not None else mask
-    if isinstance(cond, Probability):
-        return cond.per_sample(target.ctx, batch_size, salt=target.name, device=device)
-    if isinstance(cond, Statistic):
-        return cond.per_sample(x)  # type: ignore[arg-type]  # statistics are bound only where x is given
-    if isinstance(cond, AllOf):
-        masks = torch.stack([_row_mask(c, target, x, batch_size) for c in cond.conditions])
-        return masks.any(0) if isinstance(cond, AnyOf) else masks.all(0)
-    return torch.full((batch_size,), isinstance(cond, Always), dtype=torch.bool, device=device)
 
 
 def batch_size_of(batch: Any) -> int | None:
@@ -416,6 +310,11 @@ class DynamicGraphCallback(Technique):
 
     @override
     def config(self) -> dict[str, Any]:
+        return {"rules": {key: rule.to_spec() for key, rule in self.rules.items()}}
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded each rule as repr(Rule(...)).
         return {"rules": {key: repr(rule) for key, rule in self.rules.items()}}
 
     def fractions(self) -> dict[str, float]:

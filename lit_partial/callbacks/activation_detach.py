@@ -78,9 +78,12 @@ class ActivationDetach(Technique):
     Example:
         >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
         >>> cb = ActivationDetach(at="backbone.0", checkpoint=["backbone.1", "backbone.2"])
+        >>> model = DigitsClassifier()
         >>> trainer = L.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False)  # doctest: +SKIP
-        >>> trainer.fit(DigitsClassifier(), DigitsDataModule())  # doctest: +SKIP
+        ...                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> model.backbone[0][0].weight.grad is None  # below the cut: no gradient
+        True
     """
 
     def __init__(
@@ -131,12 +134,17 @@ class ActivationDetach(Technique):
     @override
     def config(self) -> dict[str, Any]:
         return {
-            "at": {key: repr(rule) for key, rule in self.at.items()},
+            "at": {key: rule.to_spec(grad_scale=False) for key, rule in self.at.items()},
             "checkpoint": self.checkpoint,
             "offload": self.offload,
             "segments": self.segments,
             **({"policy": _describe_policy(self.policy)} if self.policy is not None else {}),
         }
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded each rule as repr(Rule(...)).
+        return {**self.config(), "at": {key: repr(rule) for key, rule in self.at.items()}}
 
     def _is_active(self) -> bool:
         return self._active

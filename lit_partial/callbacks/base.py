@@ -22,6 +22,8 @@ every technique needs and none should write again:
   own callbacks) is refused with a :class:`~lit_partial.errors.CheckpointMismatchError` naming what changed,
   and so is a saved configuration that differs under the same key. ``accept_config_change=True`` discards the
   old state instead, with a warning, and applies the new configuration from the resumed step.
+  The configuration is the validated user spec as plain data; checkpoints written when it was ``repr()`` of
+  internal objects still resume through :meth:`Technique.legacy_config` (see :mod:`lit_partial._checkpoint`).
 * **Reporting.** :meth:`run_summary` says what the technique did over the run, in a few lines.
 
 See ``docs/adding_a_technique.md`` for a worked example.
@@ -46,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -56,19 +57,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lit_partial.attach import Handles
+from lit_partial._checkpoint import (
+    MARK,
+    check_checkpoint_techniques,
+    claim_legacy_states,
+    differences,
+    is_technique,
+    jsonable,
+    state_key,
+)
 from lit_partial.distributed import DEFAULT_FAMILIES, check_supported_strategy
 from lit_partial.errors import CheckpointMismatchError, ConfigurationError
+from lit_partial.handles import Handles
 from lit_partial.selection import gc_paused
 
 __all__ = ["Technique", "check_checkpoint_techniques"]
-
-_MARK = "lit_partial"  # key of the technique record inside each technique's saved state
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-able plain data (tuples -> lists, unknown objects -> their repr), for exact comparison."""
-    return json.loads(json.dumps(value, sort_keys=True, default=repr))
 
 
 class Technique(Callback):
@@ -108,6 +111,18 @@ class Technique(Callback):
         """
         return self.config()
 
+    def legacy_config(self) -> dict[str, Any] | None:
+        """The configuration as checkpoints written before it was plain data recorded it, where that differs.
+
+        ``None`` (the default): the same as :meth:`config`. A technique whose configuration was once recorded as
+        ``repr()`` of internal objects returns that form here, so those checkpoints still resume.
+        """
+        return None
+
+    def legacy_identity(self) -> dict[str, Any] | None:
+        """What :meth:`identity` was in checkpoints written before :meth:`config` was plain data (None: the same)."""
+        return self.legacy_config()
+
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve selectors against ``pl_module`` and attach hooks; put every handle in :attr:`handles`."""
 
@@ -134,8 +149,17 @@ class Technique(Callback):
     @property
     @override
     def state_key(self) -> str:
-        identity = self.identity()
-        return type(self).__qualname__ + (repr(_plain(identity)) if identity else "")
+        return state_key(type(self).__qualname__, self.identity())
+
+    @property
+    def legacy_state_key(self) -> str | None:
+        """The ``state_key`` checkpoints written before :meth:`config` was plain data used (None: the same)."""
+        identity = self.legacy_identity()
+        return None if identity is None else state_key(type(self).__qualname__, identity)
+
+    def technique_record(self) -> dict[str, Any]:
+        """The record saved beside the technique's state: its class and its configuration (plain data)."""
+        return {"technique": type(self).__qualname__, "config": jsonable(self.config())}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -164,16 +188,17 @@ class Technique(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            _MARK: {"technique": type(self).__qualname__, "config": _plain(self.config())},
-            **self.technique_state(),
-        }
+        return {MARK: self.technique_record(), **self.technique_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        record = state_dict.get(_MARK)
+        record = state_dict.get(MARK)
         if isinstance(record, Mapping):  # checkpoints from before the record existed load unchecked
-            changes = _differences(record.get("config", {}), _plain(self.config()))
+            saved = record.get("config", {})
+            changes = differences(saved, jsonable(self.config()))
+            legacy = self.legacy_config()
+            if changes and legacy is not None and saved == jsonable(legacy):
+                changes = ""  # written before configurations were plain data, with this configuration
             if changes:
                 if not self.accept_config_change:
                     raise CheckpointMismatchError(
@@ -187,58 +212,11 @@ class Technique(Callback):
                     "state is discarded (accept_config_change=True)."
                 )
                 return
-        self.load_technique_state({k: v for k, v in state_dict.items() if k != _MARK})
+        self.load_technique_state({k: v for k, v in state_dict.items() if k != MARK})
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        techniques = [cb for cb in trainer.callbacks if isinstance(cb, Technique)]  # type: ignore[attr-defined]  # untyped in Lightning
+        techniques = [cb for cb in trainer.callbacks if is_technique(cb)]  # type: ignore[attr-defined]  # untyped in Lightning
         if techniques and techniques[0] is self:  # one check per resume is enough
+            claim_legacy_states(checkpoint, techniques)
             check_checkpoint_techniques(checkpoint, techniques)
-
-
-def _differences(saved: Any, current: Any) -> str:
-    """A short description of how two configurations differ ('' if they do not)."""
-    if saved == current:
-        return ""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        parts = [
-            f"{key}: {json.dumps(saved.get(key))} -> {json.dumps(current.get(key))}"
-            for key in sorted(set(saved) | set(current))
-            if saved.get(key) != current.get(key)
-        ]
-        return "; ".join(parts)
-    return f"{json.dumps(saved)} -> {json.dumps(current)}"
-
-
-def check_checkpoint_techniques(checkpoint: Mapping[str, Any], techniques: list[Technique]) -> None:
-    """Refuse a checkpoint that holds the state of a technique none of ``techniques`` takes back.
-
-    Called on resume by the first :class:`Technique` of the trainer and, when there is none, by
-    :class:`~lit_partial.PartialBackpropMixin`. A technique of the same class with ``accept_config_change=True``
-    accepts the loss of the old state.
-
-    Raises:
-        CheckpointMismatchError: Naming the orphaned state, its configuration and the fix.
-    """
-    states = checkpoint.get("callbacks") or {}
-    claimed = {t.state_key for t in techniques}
-    for key, state in states.items():
-        record = state.get(_MARK) if isinstance(state, Mapping) else None
-        if not isinstance(record, Mapping) or key in claimed:
-            continue
-        kind = str(record.get("technique", "a technique"))
-        same = [t for t in techniques if type(t).__qualname__ == kind]
-        if any(t.accept_config_change for t in same):
-            rank_zero_warn(f"lit_partial: the checkpoint's state of {key} is not resumed (accept_config_change=True).")
-            continue
-        if len(same) == 1:
-            changes = _differences(record.get("config"), _plain(same[0].config()))
-            now = f" This run has {kind} with a different configuration ({changes})."
-        else:
-            now = f" This run has {', '.join(t.state_key for t in same)} instead." if same else ""
-        raise CheckpointMismatchError(
-            f"the checkpoint holds the state of a {kind} (configuration {json.dumps(record.get('config'))}), which "
-            f"this run does not have.{now} Fix: resume with the callbacks the checkpoint was made with; to change them "
-            f"on purpose, pass accept_config_change=True to the new {kind}, or start a new run from the weights alone "
-            "(load them, and do not pass ckpt_path)."
-        )

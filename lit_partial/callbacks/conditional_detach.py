@@ -6,7 +6,6 @@ from typing import Any
 
 from torch import nn
 
-from lit_partial.attach import register_gate
 from lit_partial.callbacks._rules import (
     GATE_PREFIX,
     DynamicGraphCallback,
@@ -15,6 +14,7 @@ from lit_partial.callbacks._rules import (
     parse_rules,
     resolve_targets,
 )
+from lit_partial.handles import register_gate
 
 __all__ = ["ConditionalDetach"]
 
@@ -60,9 +60,12 @@ class ConditionalDetach(DynamicGraphCallback):
         ...     "backbone.0": {"epochs": [0, 1]},                       # first epoch: block 0 gets no gradient
         ...     "features": {"when": "always", "grad_scale": 0.5},      # the gate in forward: half the gradient
         ... })
-        >>> trainer = L.Trainer(max_steps=2, callbacks=[detach], logger=False,  # doctest: +SKIP
-        ...                     enable_checkpointing=False, enable_progress_bar=False)
-        >>> trainer.fit(DigitsClassifier(), DigitsDataModule())  # doctest: +SKIP
+        >>> model = DigitsClassifier()
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[detach], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> model.backbone[0][0].weight.grad is None, model.backbone[1][0].weight.grad is not None
+        (True, True)
     """
 
     log_prefix = "conditional_detach"

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_partial._plain import to_plain
-from lit_partial.attach import wrap_forward
 from lit_partial.callbacks._output_layout import (
     SAME_AS_INPUT,
     OutputLayout,
@@ -27,6 +26,7 @@ from lit_partial.callbacks._output_layout import (
 from lit_partial.callbacks._rules import DynamicGraphCallback, Rule, may_hold, parse_rules, resolve_targets
 from lit_partial.conditions import Probability
 from lit_partial.errors import ConfigurationError, IncompatibleModuleError
+from lit_partial.handles import wrap_forward
 from lit_partial.selection import Selectors, as_selector_list, canonical_name, select_modules
 
 __all__ = ["DROP_DISTRIBUTIONS", "ConditionalSkip", "StochasticDepth", "stochastic_depth_rates"]
@@ -327,17 +327,23 @@ class StochasticDepth(ConditionalSkip):
 
     @override
     def config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
+        return {
             "blocks": self.blocks,
             "drop_rate": self.drop_rate,
             "seed": self.seed,
             "per_sample": self.per_sample,
+            "drop_warmup": self.drop_warmup,
+            "drop_distribution": self.drop_distribution,
         }
-        # Only where set, so checkpoints from before these options still resume (their state key is unchanged).
-        if self.drop_warmup:
-            config["drop_warmup"] = self.drop_warmup
-        if self.drop_distribution != "linear":
-            config["drop_distribution"] = self.drop_distribution
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        # Checkpoints written before configurations were plain data recorded the two later options only where set.
+        config = self.config()
+        if not self.drop_warmup:
+            del config["drop_warmup"]
+        if self.drop_distribution == "linear":
+            del config["drop_distribution"]
         return config
 
     @override

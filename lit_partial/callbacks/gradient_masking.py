@@ -4,9 +4,13 @@ The tensor work lives in :mod:`lit_partial.functional.masking` (kernels) and
 :mod:`lit_partial.functional.mask_builders` (specs -> masks); this callback resolves selectors, decides
 when masks are applied and rebuilt, keeps them for resume, and logs.
 
-Timing (Lightning 2.x): gradients are masked in ``on_before_optimizer_step``, which runs once per
-optimizer step (not per micro-batch under ``accumulate_grad_batches``), after AMP unscaling and after
-DDP's all-reduce, and before gradient clipping, so clipping sees the masked norm. With ``strict=True``
+Timing (Lightning 2.x): on one process, each static mask is applied by a post-accumulate-grad hook the moment
+autograd has accumulated the gradient, while it is still in cache
+(:func:`~lit_partial.functional.backward_masking.mask_gradients_in_backward`); ``on_before_optimizer_step``
+(once per optimizer step, after AMP unscaling and DDP's all-reduce, before gradient clipping, so clipping sees
+the masked norm) then masks only the gradients that hook did not leave as they are: every gradient under DDP,
+FSDP2 or an fp16 ``GradScaler`` (each writes the gradients after the backward), ``where`` masks, and any gradient
+assigned or written in place since. With ``strict=True``
 the real torch optimizers in ``trainer.optimizers`` get step pre/post hooks that keep masked elements
 bit-identical (:func:`~lit_partial.functional.masking.guard_masked_elements`); they are removed in
 ``teardown``.
@@ -22,7 +26,14 @@ Example:
     >>> cb = GradientMasking({"head.1.weight": {"kind": "rows", "index": [0, 1]},
     ...                       "backbone.*.0.weight": {"kind": "random", "keep": 0.1, "seed": 0},
     ...                       "re:.*bias": torch.tensor(1.0)})
-    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1)  # doctest: +SKIP
+    >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
+    >>> model = DigitsClassifier()
+    >>> head = model.head[1].weight.detach().clone()
+    >>> trainer = L.Trainer(callbacks=[cb], max_steps=2, logger=False, enable_checkpointing=False,
+    ...                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    >>> trainer.fit(model, DigitsDataModule())
+    >>> bool(torch.equal(model.head[1].weight[2:], head[2:])), bool(torch.equal(model.head[1].weight[:2], head[:2]))
+    (True, False)
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from lit_partial.distributed import (
     world_size,
 )
 from lit_partial.errors import UsageError
+from lit_partial.functional.backward_masking import BackwardMasks, mask_gradients_in_backward
 from lit_partial.functional.mask_builders import (
     MASK_FORMS,
     MaskError,
@@ -67,6 +79,7 @@ from lit_partial.functional.masking import (
     count_masked,
     floor_second_moments,
     guard_masked_elements,
+    kernel_mask,
     mask_gradients,
 )
 from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
@@ -87,6 +100,8 @@ class _Masked:
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
     frozen: int = 0  # masked elements (over all ranks), counted when the mask is built, loaded or logged
+    kernel: Tensor | None = None  # the mask in kernel_mask's form (local shard), for the mask object in `made_from`
+    made_from: Tensor | None = None
 
 
 class GradientMasking(Technique):
@@ -107,6 +122,11 @@ class GradientMasking(Technique):
             If False, only gradients are masked: cheapest, and exact only for plain SGD (no momentum, no
             weight decay); other optimizers let masked elements drift.
         log_fraction: Log ``masked_fraction/<selector>`` (fraction of frozen elements) at the logging cadence.
+        mask_in_backward: Mask static masks' gradients in a post-accumulate-grad hook, while each gradient is
+            still in cache, instead of in a separate pass at the step (single process only; gradients written
+            after the backward are masked again at the step). Set False if your code writes gradients through
+            ``param.grad.data`` between the backward and the step (that bypasses the version counter the step
+            relies on to tell a gradient was changed).
         reuse_snapshots: Strict mode only: skip re-reading a masked parameter that was not written in place
             since the last step (version counter unchanged); halves the strict cost for static masks. Set
             False if your code writes masked elements through ``param.data`` between steps (that bypasses
@@ -147,6 +167,7 @@ class GradientMasking(Technique):
         strict: bool = True,
         log_fraction: bool = True,
         reuse_snapshots: bool = True,
+        mask_in_backward: bool = True,
         *,
         accept_config_change: bool = False,
     ) -> None:
@@ -162,6 +183,8 @@ class GradientMasking(Technique):
             raise UsageError(f"`log_fraction` must be True or False, got {log_fraction!r}.")
         if not isinstance(reuse_snapshots, bool):
             raise UsageError(f"`reuse_snapshots` must be True or False, got {reuse_snapshots!r}.")
+        if not isinstance(mask_in_backward, bool):
+            raise UsageError(f"`mask_in_backward` must be True or False, got {mask_in_backward!r}.")
         self._sources: dict[str, Any] = {}
         for selector, source in masks.items():
             as_selector_list(selector, argument=f"masks key {selector!r}")
@@ -169,7 +192,9 @@ class GradientMasking(Technique):
         self.strict = strict
         self.log_fraction = log_fraction
         self.reuse_snapshots = reuse_snapshots
+        self.mask_in_backward = mask_in_backward
         self._entries: list[_Masked] = []
+        self._backward: BackwardMasks | None = None
 
     @override
     def config(self) -> dict[str, Any]:
@@ -250,6 +275,14 @@ class GradientMasking(Technique):
             e.mask = e.mask.to(e.param.device)  # type: ignore[union-attr]  # built in setup
         if world_size() > 1 and not is_sharded(trainer):  # sharded masks were scattered from rank 0
             self._broadcast_static_masks()
+        self._backward = None
+        if self.mask_in_backward and world_size() == 1 and not is_sharded(trainer):
+            # One process: autograd's accumulation is the gradient's last write before the step. (DDP's all-reduce
+            # and FSDP2's reduce-scatter write after it: there the step-time pass does the work.)
+            hot = [e for e in self._entries if e.dynamic is None and e.param.requires_grad and not is_dtensor(e.param)]
+            if hot:
+                self._backward = mask_gradients_in_backward([(e.param, self._kernel_of(e)) for e in hot])
+                self.handles.add(self._backward)
         for index, optimizer in enumerate(trainer.optimizers):
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
             mine = [e for e in self._entries if id(e.param) in owned]
@@ -290,9 +323,13 @@ class GradientMasking(Technique):
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]  # masks built in setup
+            return [(e.param, _kernel(e)) for e in entries if e.param.requires_grad]
 
         return pairs
+
+    @staticmethod
+    def _kernel_of(e: _Masked) -> Callable[[], Tensor | None]:
+        return lambda: _kernel(e)
 
     @staticmethod
     def _stale_marker(entries: list[_Masked]) -> Callable[..., None]:
@@ -319,7 +356,10 @@ class GradientMasking(Technique):
         raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         entries = [e for e in self._entries if not e.optimizers or id(raw) in e.optimizers]
         self._refresh(entries)
-        mask_gradients([e.param for e in entries], [e.mask for e in entries])  # type: ignore[misc]  # built in setup
+        backward = self._backward
+        # Gradients a backward hook masked and nothing wrote since need no second pass.
+        cold = [e for e in entries if backward is None or not backward.settled(e.param)]
+        mask_gradients([e.param for e in cold], [_kernel(e) for e in cold])
         _recheck_scaler(trainer, raw)
         every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
         if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
@@ -372,6 +412,19 @@ class GradientMasking(Technique):
                 e.frozen = count_masked(e.param, mask)
                 # Every rank loaded the same checkpoint: each takes its own shard, without communication.
                 e.mask = shard_like(mask, e.param, src_data_rank=None)
+
+
+def _kernel(e: _Masked) -> Tensor:
+    """``e``'s mask in :func:`~lit_partial.functional.masking.kernel_mask`'s form, made once per mask object.
+
+    A ``where`` mask is rebuilt every step, so it is used as the bool it is (converting it would be one more pass).
+    """
+    mask: Tensor = e.mask  # type: ignore[assignment]  # built in setup
+    if e.dynamic is not None:
+        return mask
+    if e.made_from is not mask:
+        e.kernel, e.made_from = kernel_mask(mask, e.param), mask
+    return e.kernel  # type: ignore[return-value]  # just set
 
 
 def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:

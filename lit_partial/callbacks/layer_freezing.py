@@ -14,7 +14,14 @@ state for resume, and makes DDP correct:
 Example:
     >>> import lightning as L
     >>> cb = LayerFreezing(frozen="backbone", schedule=[{"epoch": 2, "unfreeze": "backbone.2", "lr_scale": 0.1}])
-    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=3)  # doctest: +SKIP
+    >>> from lit_partial.demos import DigitsClassifier, DigitsDataModule
+    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=3, limit_train_batches=1, logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ...                     limit_val_batches=0)
+    >>> model = DigitsClassifier()
+    >>> trainer.fit(model, DigitsDataModule())
+    >>> [next(model.backbone[i].parameters()).requires_grad for i in range(3)]  # backbone.2 released at epoch 2
+    [False, False, True]
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from typing_extensions import override
 
 from lit_partial._compat import ddp_ignored_names, is_running_stats_norm, set_ddp_ignored_names
 from lit_partial._plain import to_plain
-from lit_partial.attach import Handle
 from lit_partial.callbacks._freezing_schedule import (
     ScheduleEntry,
     callback_yaml,
@@ -71,6 +77,7 @@ from lit_partial.functional.freezing import (
     trainable_parameter_count,
 )
 from lit_partial.functional.frozen_checkpointing import frozen_aware_checkpointing
+from lit_partial.handles import Handle
 from lit_partial.module import attached_trainer
 from lit_partial.selection import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
@@ -114,12 +121,17 @@ def _split_name(group: dict[str, Any], index: int, several: bool, phase: str) ->
     return f"pg{index + 1}/{phase}" if several else phase
 
 
-def _entry_config(entry: ScheduleEntry) -> dict[str, Any]:
-    """A schedule entry as plain data; ``when`` only where set (so checkpoints from before it still resume)."""
-    config = dataclasses.asdict(entry)
-    when = config.pop("when")
-    if when is not None:
-        config["when"] = repr(entry.when)  # the class tells AllOf from AnyOf, Metric from Plateau
+def _entry_config(entry: ScheduleEntry, *, legacy: bool = False) -> dict[str, Any]:
+    """A schedule entry as plain data, its condition as the spec it parses from (None for epoch and step entries).
+
+    ``legacy``: as checkpoints written before configurations were plain data recorded it (``when`` only where set,
+    as ``repr()`` of the condition).
+    """
+    config = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name != "when"}
+    if not legacy:
+        config["when"] = entry.when.to_spec() if entry.when is not None else None
+    elif entry.when is not None:
+        config["when"] = repr(entry.when)
     return config
 
 
@@ -313,6 +325,10 @@ class LayerFreezing(Technique):
             "schedule": [_entry_config(entry) for entry in self.schedule],
             "train_bn": self.train_bn,
         }
+
+    @override
+    def legacy_config(self) -> dict[str, Any] | None:
+        return {**self.config(), "schedule": [_entry_config(entry, legacy=True) for entry in self.schedule]}
 
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

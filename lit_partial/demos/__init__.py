@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from lit_partial.demos.digits import DigitsClassifier, DigitsDataModule
+from lit_partial.demos.lm import ByteLM
 from lit_partial.demos.models import ConvBlock, DigitsCNN, FFNBlock, ResidualConvBlock, ResidualFFN
 from lit_partial.demos.recurrent import DigitsRNN
+from lit_partial.demos.text import TextDataModule
 
 __all__ = [
+    "ByteLM",
     "ConvBlock",
     "DigitsCNN",
     "DigitsClassifier",
@@ -15,4 +18,5 @@ __all__ = [
     "FFNBlock",
     "ResidualConvBlock",
     "ResidualFFN",
+    "TextDataModule",
 ]

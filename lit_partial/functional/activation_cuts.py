@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_partial._compat import version_counter
-from lit_partial.attach import Handles, wrap_forward
 from lit_partial.errors import ConfigurationError, UnsafeCheckpointError
 from lit_partial.functional.freezing import norm_layers
 from lit_partial.functional.selective_checkpoint import Policy, selective_context_fn
+from lit_partial.handles import Handles, wrap_forward
 from lit_partial.selection import Selectors, outermost, select_modules
 from lit_partial.tree import detach, leaves
 

@@ -31,7 +31,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lit_partial._compat import HF_CHECKPOINT_FUNC_ATTR, hf_checkpoint_layers
-from lit_partial.attach import Handle, Handles
+from lit_partial.handles import Handle, Handles
 from lit_partial.tree import detach
 
 __all__ = ["frozen_aware_checkpointing"]

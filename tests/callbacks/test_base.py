@@ -51,7 +51,7 @@ def resume(path: Path, callbacks: list[L.Callback], steps: int = 4) -> TinyNet:
             lambda: ConditionalDetach({"stem": {"every_n_steps": 2}}),
             lambda: ConditionalDetach({"stem": {"every_n_steps": 3}}),
             r"ConditionalDetach.*which this run does not have\. This run has ConditionalDetach with a different "
-            r"configuration \(rules: .*EveryNSteps\(n=2.*-> .*EveryNSteps\(n=3",
+            r"configuration \(rules: .*\"every_n_steps\": 2.*-> .*\"every_n_steps\": 3",  # plain data, no repr
         ),
         (
             lambda: LayerFreezing(frozen="blocks.0", schedule=[{"step": 3, "unfreeze": "blocks.0"}]),

@@ -133,6 +133,12 @@ def test_resume_with_stochastic_depth_is_exact(tmp_path: Path) -> None:
     quiet_trainer(max_epochs=2, callbacks=cbs).fit(resumed, tiny_loader(), ckpt_path=tmp_path / "half.ckpt")
     assert_states_bitwise_equal(full.state_dict(), resumed.state_dict())
     assert sum(total for _, total in cbs[0].totals.values()) == 16  # 2 blocks x 8 steps, counters resumed
+    # ...and the techniques acted: blocks were dropped, so the run differs from plain training of the same seed.
+    assert 0 < sum(skipped for skipped, _ in cbs[0].totals.values()) < 16
+    torch.manual_seed(0)
+    plain = TinyNet()
+    quiet_trainer(max_epochs=2).fit(plain, tiny_loader())
+    assert any(not torch.equal(plain.state_dict()[k], v) for k, v in full.state_dict().items())
 
 
 def test_shape_changing_module_is_named_before_training() -> None:

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from lit_partial.callbacks._rules import EVALUATE, Rule, Target, decide, parse_rules
+from lit_partial.callbacks._rules import EVALUATE, Rule, Target, parse_rules
 from lit_partial.conditions import StepContext
+from tests.helpers.decisions import reference_decide
 
 RULES: dict[str, Any] = {
     "window": {"steps": [2, 5]},
@@ -36,7 +37,7 @@ def test_precomputed_decisions_equal_decisions_made_in_the_hook(key: str) -> Non
         ctx = StepContext(epoch=step // 4, global_step=step, batch_idx=step % 4, metrics={"val_loss": (1.0, 0.4)})
         target.begin(ctx, batch_size=6)
         got = target.resolve(x)
-        want = decide(rule, ctx, x, salt="blocks.1")
+        want = reference_decide(rule, ctx, x, salt="blocks.1")
         if isinstance(want, torch.Tensor):
             assert isinstance(got, torch.Tensor) and torch.equal(got, want)
         else:
@@ -63,7 +64,7 @@ def test_a_module_batch_other_than_the_loaders_draws_at_its_own_size() -> None:
     ctx = StepContext(global_step=3)
     target.begin(ctx, batch_size=None)  # the batch holds no tensor: drawn in the hook
     x = torch.randn(5, 2)
-    assert torch.equal(target.resolve(x), decide(rule, ctx, x, salt="r"))  # type: ignore[arg-type]
+    assert torch.equal(target.resolve(x), reference_decide(rule, ctx, x, salt="r"))  # type: ignore[arg-type]
     target.end()
     target.begin(ctx, batch_size=8)  # the loader's batch is 8, the module sees 5 rows: drawn at 5 in the hook
-    assert torch.equal(target.resolve(x), decide(rule, ctx, x, salt="r"))  # type: ignore[arg-type]
+    assert torch.equal(target.resolve(x), reference_decide(rule, ctx, x, salt="r"))  # type: ignore[arg-type]

@@ -109,14 +109,10 @@ def test_a_warmup_fraction_of_a_run_without_an_end_fails_at_setup() -> None:
     assert model.global_step == 0
 
 
-def test_the_configuration_shows_the_new_options_only_where_set() -> None:
-    # so that checkpoints made before drop_warmup / drop_distribution existed still resume under the same key
-    assert StochasticDepth().config() == {"blocks": ["blocks.*"], "drop_rate": 0.1, "seed": 0, "per_sample": False}
-    assert StochasticDepth(drop_warmup=0.1, drop_distribution="uniform").config() == {
-        "blocks": ["blocks.*"],
-        "drop_rate": 0.1,
-        "seed": 0,
-        "per_sample": False,
-        "drop_warmup": 0.1,
-        "drop_distribution": "uniform",
-    }
+def test_the_configuration_is_every_option_and_the_legacy_one_shows_the_new_options_only_where_set() -> None:
+    # checkpoints made before drop_warmup / drop_distribution existed recorded (and keyed) the legacy form
+    plain = {"blocks": ["blocks.*"], "drop_rate": 0.1, "seed": 0, "per_sample": False}
+    assert StochasticDepth().config() == {**plain, "drop_warmup": 0.0, "drop_distribution": "linear"}
+    assert StochasticDepth().legacy_config() == plain
+    options = {"drop_warmup": 0.1, "drop_distribution": "uniform"}
+    assert StochasticDepth(**options).config() == StochasticDepth(**options).legacy_config() == {**plain, **options}
