@@ -139,6 +139,20 @@ def _checkpointed(run: Callable[..., Any], *args: Any, context_fn: ContextFn | N
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
+#: Keyword arguments through which Hugging Face layers write a KV cache; a checkpointed call gets them as None (and
+#: ``use_cache=False``), as transformers' own gradient checkpointing does: the recomputation would write it again.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not any(kwargs.get(key) is not None for key in CACHE_KWARGS) and not kwargs.get("use_cache"):
+        return kwargs
+    out = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
 def needs_no_grad(params: Sequence[Tensor], args: Any, kwargs: Any) -> bool:
     """Whether a call builds no graph: none of the module's ``params`` and no input tensor requires grad.
 
@@ -170,6 +184,8 @@ def checkpoint_modules(
     Nested selections collapse to the outermost module. Recomputation happens only while grad is enabled
     and ``enabled()`` holds, so evaluation under ``no_grad`` runs the plain forward. A call in which neither the
     module's parameters nor its inputs require grad runs plainly too (nothing to recompute for; ``skip_frozen``).
+    Checkpointed calls get ``use_cache=False`` and no KV cache (:data:`CACHE_KWARGS`), as under transformers' own
+    gradient checkpointing: recomputing a layer must not write its cache a second time.
 
     Args:
         model: The model holding the modules.
@@ -223,6 +239,7 @@ def _checkpoint_wrapper(
             return forward(*args, **kwargs)
         if skip_frozen and needs_no_grad(params, args, kwargs):
             return forward(*args, **kwargs)
+        kwargs = _without_cache(kwargs)
         if torch.compiler.is_compiling():
             # Dynamo traces a checkpointed function once, as a higher-order op, and the recomputation replays that
             # graph (buffers are updated once); the eager-only checks of _recomputable are neither traceable nor needed.
