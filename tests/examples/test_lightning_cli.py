@@ -14,10 +14,12 @@ from lit_partial import (
     ActivationMemoryMonitor,
     ConditionalDetach,
     ConditionalSkip,
+    DropBackward,
     GradientMasking,
     LayerFreezing,
     SelectiveBackprop,
     StochasticDepth,
+    TokenSelection,
 )
 from lit_partial.app.config import CONF_DIR
 from lit_partial.callbacks.base import Technique
@@ -83,6 +85,11 @@ EXPECTED: dict[str, Callable[[], list[Callback]]] = {
         ActivationMemoryMonitor(every_n_steps=1),
     ],
     "selective_backprop": lambda: [SelectiveBackprop(keep=0.25, method="topk", start=0.1)],
+    "token_selection": lambda: [TokenSelection(keep=0.6, score="loss", scope="rank")],
+    "drop_backward": lambda: [
+        DropBackward("model.model.layers.*.self_attn,model.model.layers.*.mlp", rate=0.5, allocation="uniform")
+    ],
+    "selective_checkpointing": lambda: [ActivationDetach(checkpoint="model.model.layers.*", policy="matmul")],
 }
 
 QUICK = [  # a short, quiet run
