@@ -50,7 +50,7 @@ from lit_partial.distributed import (
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import set_requires_grad
 from lit_partial.functional.layer_sampling import drop_optimizer_state
-from lit_partial.selection import Selectors, as_selector_list, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, select_modules
 
 __all__ = ["PeriodicUnitTechnique", "UnitTechnique", "check_bool", "check_int"]
 

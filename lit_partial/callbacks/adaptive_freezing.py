@@ -38,7 +38,7 @@ from lit_partial.callbacks._units import UnitTechnique, check_int
 from lit_partial.distributed import is_dtensor, local_tensor
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.adaptive_freezing import freeze_start
-from lit_partial.selection import Selectors
+from lit_partial.selectors import Selectors
 
 __all__ = ["AdaptiveFreezing"]
 

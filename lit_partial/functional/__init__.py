@@ -27,6 +27,7 @@ from lit_partial.functional.freezing import (
     trainable_parameter_count,
     unfreeze,
 )
+from lit_partial.functional.frozen_checkpointing import frozen_aware_checkpointing
 from lit_partial.functional.gradients import detach_if, reverse_grad, scale_grad, skip_rows, straight_through
 from lit_partial.functional.layer_sampling import (
     active_block,
@@ -66,6 +67,7 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
+from lit_partial.functional.selective_checkpoint import live_forward_bytes, resolve_policy, selective_context_fn
 from lit_partial.functional.spectrum import spectrum_frozen, spectrum_snr, spectrum_trainable
 from lit_partial.functional.token_selection import (
     masked_token_mean,
@@ -131,3 +133,4 @@ __all__ = [
 
 __all__ += ["masked_token_mean", "num_kept_tokens", "select_tokens", "token_losses", "token_scores"]
 __all__ += ["allocate_drop_rates", "draw_drop_set", "drop_branch_outputs", "weighted_drop_rate"]
+__all__ += ["frozen_aware_checkpointing", "live_forward_bytes", "resolve_policy", "selective_context_fn"]

@@ -17,10 +17,12 @@ from lit_partial import (
     BAdam,
     ConditionalDetach,
     ConditionalSkip,
+    DropBackward,
     GradientMasking,
     LayerFreezing,
     SelectiveBackprop,
     StochasticDepth,
+    TokenSelection,
 )
 from lit_partial.app.config import CONF_DIR
 from lit_partial.callbacks.base import Technique
@@ -92,6 +94,11 @@ EXPECTED: dict[str, Callable[[], list[Callback]]] = {
         BAdam(blocks="backbone.res.*", switch_every=5, order="descending"),
     ],
     "adaptive_freezing": lambda: [AdaptiveFreezing(layers="backbone.res.*", every_n_steps=5, percentile=50)],
+    "token_selection": lambda: [TokenSelection(keep=0.6, score="loss", scope="rank")],
+    "drop_backward": lambda: [
+        DropBackward("model.model.layers.*.self_attn,model.model.layers.*.mlp", rate=0.5, allocation="uniform")
+    ],
+    "selective_checkpointing": lambda: [ActivationDetach(checkpoint="model.model.layers.*", policy="matmul")],
 }
 
 QUICK = [  # a short, quiet run
