@@ -13,6 +13,7 @@ alternatives (``torch.where``, ``masked_fill_``) that the bit-select kernels rep
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,34 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     return fns, moved
 
 
+def _rounds(steps: dict[Any, Callable[[], None]], *, rounds: int, iters: int, cpu_time: bool) -> list[dict[Any, float]]:
+    """Seconds per step of every variant, per round; each round runs all variants back to back, order rotating.
+
+    On CPU each step is timed by this thread's CPU time (``time.thread_time``), not the wall clock: on a machine
+    shared with other jobs, time spent descheduled is the noise that dominated wall-clock ratios (what remains
+    is contention for caches and memory bandwidth). On GPU: wall time between synchronizations.
+    """
+    names = list(steps)
+    for fn in steps.values():
+        for _ in range(2):
+            fn()
+    clock = time.thread_time if cpu_time else time.perf_counter
+    out = []
+    for r in range(rounds):
+        times = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = clock()
+            for _ in range(iters):
+                steps[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name] = (clock() - start) / iters
+        out.append(times)
+    return out
+
+
 def _spread(ratios: list[float]) -> str:
     """The middle half of the per-round ratios (quartiles), as step-time overheads."""
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -182,7 +211,7 @@ TARGETS = {"strict": "<= +8%", "grads only (strict=False)": "<= +3%"}
 def run(args: Any) -> Section:
     quiet()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rounds, iters = (4, 3) if args.quick else (21, 5)
+    rounds, iters = (5, 1) if args.quick else (61, 1)
     variants = ("none", "grads only (strict=False)", "grads only" + AT_STEP, "strict", "strict" + AT_STEP)
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
     before = "strict, no second-moment floor (kernels alone, bool masks, at the step)"
@@ -190,10 +219,7 @@ def run(args: Any) -> Section:
     # Per-round ratios, then their median: each round runs every variant back to back (order rotating), so load
     # that drifts between rounds cancels out of the ratio; a variant's best round alone could come from a quiet
     # moment its reference never saw.
-    per_round = [
-        time_side_by_side(steps, warmup=2 if r == 0 else 0, rounds=1, iters=iters, order_offset=r)
-        for r in range(rounds)
-    ]
+    per_round = _rounds(steps, rounds=rounds, iters=iters, cpu_time=device == "cpu")
     rows: list[dict[str, Any]] = []
     for opt, variant in steps:
         ratios = [t[(opt, variant)] / t[(opt, "none")] for t in per_round]
@@ -273,9 +299,10 @@ def run(args: Any) -> Section:
             "code), removed by floor_second_moments; the SGD-momentum rows isolate the masking cost.",
             "'Own work' rows time the kernels alone on cold tensors; 'roofline' is the same bytes at the measured "
             "copy bandwidth, as a share of the unmasked SGD-momentum step.",
-            f"{torch.get_num_threads()} CPU thread(s). Train steps: {rounds} rounds of {iters} steps per variant, "
-            "variants back to back in each round (order rotating); 'vs reference' is the median over rounds of the "
-            "per-round ratio to the unmasked step (middle half of the rounds beside it), 'ms' each variant's best "
-            "round. Other rows: each variant's best of interleaved rounds. Shared CPU: read the ratios.",
+            f"{torch.get_num_threads()} CPU thread(s). Train steps: {rounds} rounds of {iters} step(s) per variant, "
+            "variants back to back in each round (order rotating), timed by thread CPU time on CPU (wall time "
+            "between syncs on GPU); 'vs reference' is the median over rounds of the per-round ratio to the unmasked "
+            "step (middle half of the rounds beside it), 'ms' each variant's best round. Other rows: wall time, "
+            "each variant's best of interleaved rounds. Shared CPU: read the ratios.",
         ],
     )

@@ -120,3 +120,11 @@ def test_masking_kernels_counted_per_micro_batch_and_step(in_backward: bool) -> 
 def test_mask_in_backward_must_be_a_bool() -> None:
     with pytest.raises(UsageError, match="`mask_in_backward` must be True or False, got 'yes'"):
         GradientMasking(MASKS, mask_in_backward="yes")  # type: ignore[arg-type]
+
+
+def test_teardown_removes_the_backward_hooks() -> None:
+    model, _ = fit("adamw", False, True)
+    model.zero_grad(set_to_none=True)
+    x, y = next(iter(loader()))
+    model.training_step((x, y), 0).backward()  # the poison hook is the model's own: masked entries get NaN/inf
+    assert torch.isnan(model.net[0].weight.grad[~KEEP["net.0.weight"]]).any()  # nothing masks them any more
