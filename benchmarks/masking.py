@@ -1,11 +1,12 @@
 """GradientMasking: step-time overhead and the masking kernels' bandwidth on the 8-block FFN.
 
-Part 1 times one AdamW training step of ``ResidualFFN(8, 384)`` on a batch of 256 with a random mask
-(keep 10%) on every weight: no masking, gradient masking only (``strict=False``) and strict masking
-(gradient masking + step hooks that keep masked elements bit-identical), interleaved in one run.
+Part 1 times one training step (SGD momentum, AdamW) of ``ResidualFFN(8, 384)`` on a batch of 256 with a random
+mask (keep 10%) on every weight: no masking, gradient masking only (``strict=False``) and strict masking
+(gradient masking + step hooks that keep masked elements bit-identical), each also with the gradients masked in
+the backward (``mask_in_backward=True``), interleaved in one run, timed by thread CPU time.
 Part 2 times the kernels on the same 16 weights against a plain tensor copy and reports achieved
-bandwidth (bytes read + written per second) as a fraction of the copy's; it also times the obvious
-alternatives (``torch.where``, ``masked_fill_``) that the bit-select kernels replaced.
+bandwidth (bytes read + written per second) as a fraction of the copy's, with the alternatives tried
+(``torch.where``, ``masked_fill_``, int32 masks, restoring only the masked elements by index).
 
     python -m benchmarks --only masking [--quick]
 """
@@ -36,7 +37,7 @@ from lit_partial.functional.masking import (
 REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
 
 KEEP = 0.1
-AT_STEP = ", at the step (mask_in_backward=False)"
+IN_BACKWARD = ", in the backward (mask_in_backward=True)"
 
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -63,9 +64,9 @@ def _trainer() -> L.Trainer:
 def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]:
     """One training step with the real ``GradientMasking`` hooks called where Lightning calls them.
 
-    ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``AT_STEP``
-    (``mask_in_backward=False``: one pass over the cold gradients at the step); "strict, no second-moment floor"
-    (the functional kernels alone, bool masks, at the step).
+    ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``IN_BACKWARD``
+    (post-accumulate-grad hooks instead of one pass at the step); "strict, no second-moment floor" (the functional
+    kernels alone).
     """
     model, x, y = ffn_setup(device=device)
     weights = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
@@ -77,7 +78,7 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
             dict(masks),
             strict=variant.startswith("strict"),
             log_fraction=False,
-            mask_in_backward=not variant.endswith(AT_STEP),
+            mask_in_backward=variant.endswith(IN_BACKWARD),
         )
         trainer = _trainer()
         cb.setup(trainer, model, "fit")  # type: ignore[arg-type]
@@ -127,7 +128,7 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     ps = [p.clone() for _, p in weights]
     grads = [torch.randn_like(p) for p in ps]
     masks = [build_random_mask(p.shape, KEEP, seed=0, name=n).to(device) for n, p in weights]
-    kernels = [kernel_mask(m, p) for m, p in zip(masks, ps, strict=True)]
+    wide = [kernel_mask(m, p, wide=True) for m, p in zip(masks, ps, strict=True)]
     frozen = [~m for m in masks]
     dst = [torch.empty_like(p) for p in ps]
     zero = torch.zeros((), device=device)
@@ -135,18 +136,20 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     for h, g in zip(holders, grads, strict=True):
         h.grad = g
     snaps = snapshot_masked(ps, masks)
+    where = [f.flatten().nonzero().flatten() for f in frozen]  # int64 indices of the masked elements
+    values = [p.flatten()[i].clone() for p, i in zip(ps, where, strict=True)]
     noop = _NoStep(ps)
-    guard_masked_elements(noop, lambda: list(zip(ps, kernels, strict=True)))
+    guard_masked_elements(noop, lambda: list(zip(ps, masks, strict=True)))
     n = sum(p.numel() for p in ps)
-    size, ksize = ps[0].element_size(), kernels[0].element_size()
+    size, wsize = ps[0].element_size(), wide[0].element_size()
     fns: dict[str, Callable[[], Any]] = {
         "plain copy (reference)": lambda: torch._foreach_copy_(dst, ps),
-        "mask_gradients, bool mask (int8 view)": lambda: mask_gradients(holders, masks),
-        "mask_gradients, kernel_mask": lambda: mask_gradients(holders, kernels),
+        "mask_gradients (bit-select, bool mask as int8)": lambda: mask_gradients(holders, masks),
+        "alt: mask_gradients, mask as wide as the parameter": lambda: mask_gradients(holders, wide),
         "snapshot_masked (into reused buffers)": lambda: snapshot_masked(ps, masks, out=snaps),
-        "restore_masked, bool mask (int8 view)": lambda: restore_masked(ps, masks, snaps),
-        "restore_masked, kernel_mask": lambda: restore_masked(ps, kernels, snaps),
-        "strict hooks as the callback runs them (static mask: restore only)": noop.step,
+        "restore_masked (bool mask as int8)": lambda: restore_masked(ps, masks, snaps),
+        "alt: restore_masked, mask as wide as the parameter": lambda: restore_masked(ps, wide, snaps),
+        RESTORE: noop.step,
         "alt: torch.where(m, g, 0, out=g)": lambda: [
             torch.where(m, g, zero, out=g) for g, m in zip(grads, masks, strict=True)
         ],
@@ -154,19 +157,24 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
         "alt: torch.where restore": lambda: [
             torch.where(m, p, s, out=p) for p, m, s in zip(ps, masks, snaps, strict=True)
         ],
+        "alt: restore only the masked elements (index_copy_ from a compact snapshot)": lambda: [
+            p.view(-1).index_copy_(0, i, v) for p, i, v in zip(ps, where, values, strict=True)
+        ],
     }
-    # Bytes each kernel must read + write at minimum (a bool mask is 1 byte per element, a kernel mask ksize).
+    # Bytes each kernel must read + write at minimum (a bool mask is 1 byte per element, a wide one wsize).
     moved = {
         "plain copy (reference)": n * 2 * size,
-        "mask_gradients, bool mask (int8 view)": n * (2 * size + 1),
-        "mask_gradients, kernel_mask": n * (2 * size + ksize),
+        "mask_gradients (bit-select, bool mask as int8)": n * (2 * size + 1),
+        "alt: mask_gradients, mask as wide as the parameter": n * (2 * size + wsize),
         "snapshot_masked (into reused buffers)": n * (2 * size + 1),
-        "restore_masked, bool mask (int8 view)": n * (3 * size + 1),
-        "restore_masked, kernel_mask": n * (3 * size + ksize),
-        "strict hooks as the callback runs them (static mask: restore only)": n * (3 * size + ksize),
+        "restore_masked (bool mask as int8)": n * (3 * size + 1),
+        "alt: restore_masked, mask as wide as the parameter": n * (3 * size + wsize),
+        RESTORE: n * (3 * size + 1),
         "alt: torch.where(m, g, 0, out=g)": n * (2 * size + 1),
         "alt: g.masked_fill_(~m, 0)": n * (2 * size + 1),
         "alt: torch.where restore": n * (3 * size + 1),
+        "alt: restore only the masked elements (index_copy_ from a compact snapshot)": sum(i.numel() for i in where)
+        * (8 + 2 * size),
     }
     return fns, moved
 
@@ -205,6 +213,7 @@ def _spread(ratios: list[float]) -> str:
     return f"{100 * (q[0] - 1):+.1f}% .. {100 * (q[2] - 1):+.1f}%"
 
 
+RESTORE = "strict hooks as the callback runs them (static mask: restore only)"
 TARGETS = {"strict": "<= +8%", "grads only (strict=False)": "<= +3%"}
 
 
@@ -212,9 +221,9 @@ def run(args: Any) -> Section:
     quiet()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rounds, iters = (5, 1) if args.quick else (61, 1)
-    variants = ("none", "grads only (strict=False)", "grads only" + AT_STEP, "strict", "strict" + AT_STEP)
+    variants = ("none", "grads only (strict=False)", "grads only" + IN_BACKWARD, "strict", "strict" + IN_BACKWARD)
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
-    before = "strict, no second-moment floor (kernels alone, bool masks, at the step)"
+    before = "strict, no second-moment floor (kernels alone)"
     steps[("AdamW", before)] = _train_step(before, "AdamW", device)
     # Per-round ratios, then their median: each round runs every variant back to back (order rotating), so load
     # that drifts between rounds cancels out of the ratio; a variant's best round alone could come from a quiet
@@ -259,14 +268,10 @@ def run(args: Any) -> Section:
             }
         )
     base = min(t[("SGD momentum", "none")] for t in per_round)
-    restore = "strict hooks as the callback runs them (static mask: restore only)"
+    select = "mask_gradients (bit-select, bool mask as int8)"
     own = {
-        "grads only, at the step": (ktimes["mask_gradients, kernel_mask"], moved["mask_gradients, kernel_mask"]),
-        "strict, at the step": (
-            ktimes["mask_gradients, kernel_mask"] + ktimes[restore],
-            moved["mask_gradients, kernel_mask"] + moved[restore],
-        ),
-        "strict restore alone (what remains with masking in the backward)": (ktimes[restore], moved[restore]),
+        "grads only": (ktimes[select], moved[select]),
+        "strict": (ktimes[select] + ktimes[RESTORE], moved[select] + moved[RESTORE]),
     }
     for variant, (t, nbytes) in own.items():
         rows.append(
@@ -286,15 +291,14 @@ def run(args: Any) -> Section:
         notes=[
             f"device {device}; random masks keep={KEEP} on all 16 weights ({numel:,} elements); step = zero_grad, "
             "forward, MSE, backward, [on_before_optimizer_step], optimizer step [+ strict pre/post hooks].",
-            "Default (no suffix): static masks are applied by a post-accumulate-grad hook as each gradient is final, "
-            "still in cache; the step masks only gradients written since. 'at the step': one pass over the cold "
-            "gradients in on_before_optimizer_step (the behaviour before issue 25, and the DDP/FSDP2 path).",
-            "Kernels view tensors as same-width ints and multiply by a 0/1 integer mask: exact bits (NaN/inf -> "
-            "+0.0, -0.0 kept), one pass. kernel_mask: on CPU the mask as wide as the parameter (int32), so the "
-            "multiply vectorizes; a bool mask (int8 view) converts per element. Bandwidth counts the minimum bytes.",
+            "Default (no suffix): one pass over the gradients in on_before_optimizer_step. 'in the backward': static "
+            "masks applied by post-accumulate-grad hooks as each gradient is final, still in cache; the step masks "
+            "only gradients written since.",
+            "Kernels view tensors as same-width ints and multiply by the bool mask viewed as 0/1 int8: exact bits "
+            "(NaN/inf -> +0.0, -0.0 kept), one pass. 'as wide as the parameter': kernel_mask(wide=True), an int32 "
+            "mask (a same-dtype multiply vectorizes, 4x the mask bytes). Bandwidth counts the minimum bytes.",
             f"Strict memory: one snapshot buffer per masked weight, reused every step ({4 * numel / 2**20:.1f} MiB "
-            f"here); kernel masks {4 * numel / 2**20:.1f} MiB on CPU (1 byte/element on GPU), bool masks "
-            f"{numel / 2**20:.1f} MiB.",
+            f"here); bool masks {numel / 2**20:.1f} MiB (int32 ones would be {4 * numel / 2**20:.1f} MiB).",
             "AdamW rows include AdamW's own extra cost on zero gradients (the 'AdamW.step alone' rows, no masking "
             "code), removed by floor_second_moments; the SGD-momentum rows isolate the masking cost.",
             "'Own work' rows time the kernels alone on cold tensors; 'roofline' is the same bytes at the measured "

@@ -4,13 +4,12 @@ The tensor work lives in :mod:`lit_partial.functional.masking` (kernels) and
 :mod:`lit_partial.functional.mask_builders` (specs -> masks); this callback resolves selectors, decides
 when masks are applied and rebuilt, keeps them for resume, and logs.
 
-Timing (Lightning 2.x): on one process, each static mask is applied by a post-accumulate-grad hook the moment
-autograd has accumulated the gradient, while it is still in cache
-(:func:`~lit_partial.functional.backward_masking.mask_gradients_in_backward`); ``on_before_optimizer_step``
-(once per optimizer step, after AMP unscaling and DDP's all-reduce, before gradient clipping, so clipping sees
-the masked norm) then masks only the gradients that hook did not leave as they are: every gradient under DDP,
-FSDP2 or an fp16 ``GradScaler`` (each writes the gradients after the backward), ``where`` masks, and any gradient
-assigned or written in place since. With ``strict=True``
+Timing (Lightning 2.x): gradients are masked in ``on_before_optimizer_step``, which runs once per
+optimizer step (not per micro-batch under ``accumulate_grad_batches``), after AMP unscaling and after
+DDP's all-reduce, and before gradient clipping, so clipping sees the masked norm. With
+``mask_in_backward=True`` (one process), static masks are applied by post-accumulate-grad hooks instead
+(:func:`~lit_partial.functional.backward_masking.mask_gradients_in_backward`), and the step masks only the
+gradients written since (an fp16 ``GradScaler``'s unscale, a user's hook). With ``strict=True``
 the real torch optimizers in ``trainer.optimizers`` get step pre/post hooks that keep masked elements
 bit-identical (:func:`~lit_partial.functional.masking.guard_masked_elements`); they are removed in
 ``teardown``.
@@ -72,7 +71,6 @@ from lit_partial.functional.masking import (
     count_masked,
     floor_second_moments,
     guard_masked_elements,
-    kernel_mask,
     mask_gradients,
 )
 from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
@@ -93,8 +91,6 @@ class _Masked:
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
     frozen: int = 0  # masked elements (over all ranks), counted when the mask is built, loaded or logged
-    kernel: Tensor | None = None  # the mask in kernel_mask's form (local shard), for the mask object in `made_from`
-    made_from: Tensor | None = None
 
 
 class GradientMasking(Technique):
@@ -115,11 +111,11 @@ class GradientMasking(Technique):
             If False, only gradients are masked: cheapest, and exact only for plain SGD (no momentum, no
             weight decay); other optimizers let masked elements drift.
         log_fraction: Log ``masked_fraction/<selector>`` (fraction of frozen elements) at the logging cadence.
-        mask_in_backward: Mask static masks' gradients in a post-accumulate-grad hook, while each gradient is
-            still in cache, instead of in a separate pass at the step (single process only; gradients written
-            after the backward are masked again at the step). Set False if your code writes gradients through
-            ``param.grad.data`` between the backward and the step (that bypasses the version counter the step
-            relies on to tell a gradient was changed).
+        mask_in_backward: Mask static masks' gradients in a post-accumulate-grad hook as autograd finishes each
+            one, while it is still in cache, instead of in one pass at the step (single process only; gradients
+            written after the backward are masked again at the step, told by their version counter, which writes
+            through ``param.grad.data`` bypass). Off by default: on the benchmark CPU it made the step slower, not
+            faster (the pass evicts the rest of the backward's working set); measure it on your hardware.
         reuse_snapshots: Strict mode only: skip re-reading a masked parameter that was not written in place
             since the last step (version counter unchanged); halves the strict cost for static masks. Set
             False if your code writes masked elements through ``param.data`` between steps (that bypasses
@@ -160,7 +156,7 @@ class GradientMasking(Technique):
         strict: bool = True,
         log_fraction: bool = True,
         reuse_snapshots: bool = True,
-        mask_in_backward: bool = True,
+        mask_in_backward: bool = False,
         *,
         accept_config_change: bool = False,
     ) -> None:
@@ -316,13 +312,13 @@ class GradientMasking(Technique):
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, _kernel(e)) for e in entries if e.param.requires_grad]
+            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]  # masks built in setup
 
         return pairs
 
     @staticmethod
     def _kernel_of(e: _Masked) -> Callable[[], Tensor | None]:
-        return lambda: _kernel(e)
+        return lambda: e.mask
 
     @staticmethod
     def _stale_marker(entries: list[_Masked]) -> Callable[..., None]:
@@ -352,7 +348,7 @@ class GradientMasking(Technique):
         backward = self._backward
         # Gradients a backward hook masked and nothing wrote since need no second pass.
         cold = [e for e in entries if backward is None or not backward.settled(e.param)]
-        mask_gradients([e.param for e in cold], [_kernel(e) for e in cold])
+        mask_gradients([e.param for e in cold], [e.mask for e in cold])  # type: ignore[misc]  # built in setup
         _recheck_scaler(trainer, raw)
         every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
         if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
@@ -405,19 +401,6 @@ class GradientMasking(Technique):
                 e.frozen = count_masked(e.param, mask)
                 # Every rank loaded the same checkpoint: each takes its own shard, without communication.
                 e.mask = shard_like(mask, e.param, src_data_rank=None)
-
-
-def _kernel(e: _Masked) -> Tensor:
-    """``e``'s mask in :func:`~lit_partial.functional.masking.kernel_mask`'s form, made once per mask object.
-
-    A ``where`` mask is rebuilt every step, so it is used as the bool it is (converting it would be one more pass).
-    """
-    mask: Tensor = e.mask  # type: ignore[assignment]  # built in setup
-    if e.dynamic is not None:
-        return mask
-    if e.made_from is not mask:
-        e.kernel, e.made_from = kernel_mask(mask, e.param), mask
-    return e.kernel  # type: ignore[return-value]  # just set
 
 
 def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:

@@ -99,16 +99,17 @@ def test_masking_kernels_counted_per_micro_batch_and_step(in_backward: bool) -> 
 
     In the backward: one select per masked tensor per micro-batch, none at the step. At the step: one foreach
     select per optimizer step. Strict with a static mask: one snapshot per tensor (the first step), then one
-    restore per tensor per step. Bytes: every tensor each kernel reads and writes (int32 kernel masks).
+    restore per tensor per step. Bytes: every tensor each kernel reads and writes (int32 views of float32
+    tensors, int8 views of the bool masks).
     """
     counter = CountMaskKernels()
     with counter:
         fit("adamw", True, in_backward)
     shapes = [(32, 32), (16, 2), (2, 2)]  # (elements, mask elements) per masked tensor
-    select = sum(3 * 4 * n if n == m else 2 * 4 * n + 4 * m for n, m in shapes)  # grad read + written, mask read
-    restore = sum(3 * 4 * n + 4 * m for n, m in shapes)  # param and buffer read, param written, mask read
-    snapshot = sum(2 * 4 * n + m for n, m in shapes)  # param read, buffer written, its frozen mask (int8) read
-    assert (select, restore, snapshot) == (544, 744, 436)
+    select = sum(2 * 4 * n + m for n, m in shapes)  # grad read + written, mask read
+    restore = sum(3 * 4 * n + m for n, m in shapes)  # param and buffer read, param written, mask read
+    snapshot = sum(2 * 4 * n + m for n, m in shapes)  # param read, buffer written, its frozen mask read
+    assert (select, restore, snapshot) == (436, 636, 436)
     if in_backward:
         assert counter.calls == {"mul": 3 * 8 + 3, "addcmul": 3 * 4}
         assert counter.bytes == 8 * select + 4 * restore + snapshot
