@@ -38,6 +38,7 @@ REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section 
 
 KEEP = 0.1
 IN_BACKWARD = ", in the backward (mask_in_backward=True)"
+WIDE = "int32 masks"
 
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -66,7 +67,7 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
 
     ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``IN_BACKWARD``
     (post-accumulate-grad hooks instead of one pass at the step); "strict, no second-moment floor" (the functional
-    kernels alone).
+    kernels alone); "alt: grads only / strict, int32 masks" (the functional kernels with ``kernel_mask(wide=True)``).
     """
     model, x, y = ffn_setup(device=device)
     weights = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
@@ -87,7 +88,10 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
         before = lambda: cb.on_before_optimizer_step(trainer, model, opt)  # type: ignore[arg-type]  # noqa: E731
     elif variant != "none":
         params, bools = [p for _, p in weights], [masks[n] for n, _ in weights]
-        guard_masked_elements(opt, lambda: list(zip(params, bools, strict=True)))
+        if WIDE in variant:
+            bools = [kernel_mask(m, p, wide=True) for m, p in zip(bools, params, strict=True)]
+        if variant.startswith("alt: strict") or "no second-moment floor" in variant:
+            guard_masked_elements(opt, lambda: list(zip(params, bools, strict=True)))
         before = lambda: mask_gradients(params, bools)  # noqa: E731
 
     def step() -> None:
@@ -138,8 +142,9 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     snaps = snapshot_masked(ps, masks)
     where = [f.flatten().nonzero().flatten() for f in frozen]  # int64 indices of the masked elements
     values = [p.flatten()[i].clone() for p, i in zip(ps, where, strict=True)]
-    noop = _NoStep(ps)
-    guard_masked_elements(noop, lambda: list(zip(ps, masks, strict=True)))
+    own = [p.clone() for p in ps]  # the guard's own parameters: the other kernels write ps (a new snapshot each time)
+    noop = _NoStep(own)
+    guard_masked_elements(noop, lambda: list(zip(own, masks, strict=True)))
     n = sum(p.numel() for p in ps)
     size, wsize = ps[0].element_size(), wide[0].element_size()
     fns: dict[str, Callable[[], Any]] = {
@@ -225,6 +230,8 @@ def run(args: Any) -> Section:
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
     before = "strict, no second-moment floor (kernels alone)"
     steps[("AdamW", before)] = _train_step(before, "AdamW", device)
+    for alt in (f"alt: grads only, {WIDE} (kernel_mask(wide=True))", f"alt: strict, {WIDE} (kernel_mask(wide=True))"):
+        steps[("SGD momentum", alt)] = _train_step(alt, "SGD momentum", device)  # no floor: same as the callback
     # Per-round ratios, then their median: each round runs every variant back to back (order rotating), so load
     # that drifts between rounds cancels out of the ratio; a variant's best round alone could come from a quiet
     # moment its reference never saw.
@@ -254,7 +261,7 @@ def run(args: Any) -> Section:
         for name, t in adam.items()
     ]
     fns, moved = _kernels(device)
-    ktimes = time_side_by_side(fns, warmup=3, rounds=2 * rounds, iters=4 * iters, reduce="min")
+    ktimes = time_side_by_side(fns, warmup=3, rounds=7 if args.quick else 21, iters=10, reduce="min")
     copy_bw = moved["plain copy (reference)"] / ktimes["plain copy (reference)"]
     for name, t in ktimes.items():
         bw = moved[name] / t
