@@ -270,7 +270,7 @@ class GradientMasking(Technique):
             # and FSDP2's reduce-scatter write after it: there the step-time pass does the work.)
             hot = [e for e in self._entries if e.dynamic is None and e.param.requires_grad and not is_dtensor(e.param)]
             if hot:
-                self._backward = mask_gradients_in_backward([(e.param, self._kernel_of(e)) for e in hot])
+                self._backward = mask_gradients_in_backward([(e.param, self._mask_of(e)) for e in hot])
                 self.handles.add(self._backward)
         for index, optimizer in enumerate(trainer.optimizers):
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -317,7 +317,7 @@ class GradientMasking(Technique):
         return pairs
 
     @staticmethod
-    def _kernel_of(e: _Masked) -> Callable[[], Tensor | None]:
+    def _mask_of(e: _Masked) -> Callable[[], Tensor | None]:
         return lambda: e.mask
 
     @staticmethod
@@ -375,6 +375,7 @@ class GradientMasking(Technique):
     def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         for e in self._entries:
             e.optimizers.clear()
+        self._backward = None  # its hooks went with self.handles
 
     @override
     def technique_state(self) -> dict[str, Any]:
