@@ -67,7 +67,8 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
 
     ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``IN_BACKWARD``
     (post-accumulate-grad hooks instead of one pass at the step); "strict, no second-moment floor" (the functional
-    kernels alone); "alt: grads only / strict, int32 masks" (the functional kernels with ``kernel_mask(wide=True)``).
+    kernels alone); "alt: ..." the functional kernels with the other mask form than the callback's (gradients only:
+    int32 masks instead of the bool; strict: the bool instead of the callback's int32 masks on CPU).
     """
     model, x, y = ffn_setup(device=device)
     weights = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
@@ -144,7 +145,8 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     values = [p.flatten()[i].clone() for p, i in zip(ps, where, strict=True)]
     own = [p.clone() for p in ps]  # the guard's own parameters: the other kernels write ps (a new snapshot each time)
     noop = _NoStep(own)
-    guard_masked_elements(noop, lambda: list(zip(own, masks, strict=True)))
+    strict_masks = wide if device == "cpu" else masks  # what the callback hands its guard
+    guard_masked_elements(noop, lambda: list(zip(own, strict_masks, strict=True)))
     n = sum(p.numel() for p in ps)
     size, wsize = ps[0].element_size(), wide[0].element_size()
     fns: dict[str, Callable[[], Any]] = {
@@ -174,7 +176,7 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
         "snapshot_masked (into reused buffers)": n * (2 * size + 1),
         "restore_masked (bool mask as int8)": n * (3 * size + 1),
         "alt: restore_masked, mask as wide as the parameter": n * (3 * size + wsize),
-        RESTORE: n * (3 * size + 1),
+        RESTORE: n * (3 * size + strict_masks[0].element_size()),
         "alt: torch.where(m, g, 0, out=g)": n * (2 * size + 1),
         "alt: g.masked_fill_(~m, 0)": n * (2 * size + 1),
         "alt: torch.where restore": n * (3 * size + 1),
@@ -230,7 +232,7 @@ def run(args: Any) -> Section:
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
     before = "strict, no second-moment floor (kernels alone)"
     steps[("AdamW", before)] = _train_step(before, "AdamW", device)
-    for alt in (f"alt: grads only, {WIDE} (kernel_mask(wide=True))", f"alt: strict, {WIDE} (kernel_mask(wide=True))"):
+    for alt in (f"alt: grads only, {WIDE} (kernel_mask(wide=True))", "alt: strict, bool masks read as int8"):
         steps[("SGD momentum", alt)] = _train_step(alt, "SGD momentum", device)  # no floor: same as the callback
     # Per-round ratios, then their median: each round runs every variant back to back (order rotating), so load
     # that drifts between rounds cancels out of the ratio; a variant's best round alone could come from a quiet
@@ -276,9 +278,10 @@ def run(args: Any) -> Section:
         )
     base = min(t[("SGD momentum", "none")] for t in per_round)
     select = "mask_gradients (bit-select, bool mask as int8)"
+    strict_select = "alt: mask_gradients, mask as wide as the parameter" if device == "cpu" else select
     own = {
         "grads only": (ktimes[select], moved[select]),
-        "strict": (ktimes[select] + ktimes[RESTORE], moved[select] + moved[RESTORE]),
+        "strict": (ktimes[strict_select] + ktimes[RESTORE], moved[strict_select] + moved[RESTORE]),
     }
     for variant, (t, nbytes) in own.items():
         rows.append(
@@ -301,11 +304,13 @@ def run(args: Any) -> Section:
             "Default (no suffix): one pass over the gradients in on_before_optimizer_step. 'in the backward': static "
             "masks applied by post-accumulate-grad hooks as each gradient is final, still in cache; the step masks "
             "only gradients written since.",
-            "Kernels view tensors as same-width ints and multiply by the bool mask viewed as 0/1 int8: exact bits "
-            "(NaN/inf -> +0.0, -0.0 kept), one pass. 'as wide as the parameter': kernel_mask(wide=True), an int32 "
-            "mask (a same-dtype multiply vectorizes, 4x the mask bytes). Bandwidth counts the minimum bytes.",
+            "Kernels view tensors as same-width ints and multiply by a 0/1 integer mask: exact bits (NaN/inf -> "
+            "+0.0, -0.0 kept), one pass. Masks: the bool viewed as int8 (gradients only), or on CPU in strict mode "
+            "an int32 mask (kernel_mask(wide=True): a same-dtype multiply vectorizes, 4x the mask bytes). "
+            "Bandwidth counts the minimum bytes.",
             f"Strict memory: one snapshot buffer per masked weight, reused every step ({4 * numel / 2**20:.1f} MiB "
-            f"here); bool masks {numel / 2**20:.1f} MiB (int32 ones would be {4 * numel / 2**20:.1f} MiB).",
+            f"here), plus strict's int32 masks on CPU ({4 * numel / 2**20:.1f} MiB); bool masks "
+            f"{numel / 2**20:.1f} MiB.",
             "AdamW rows include AdamW's own extra cost on zero gradients (the 'AdamW.step alone' rows, no masking "
             "code), removed by floor_second_moments; the SGD-momentum rows isolate the masking cost.",
             "'Own work' rows time the kernels alone on cold tensors; 'roofline' is the same bytes at the measured "

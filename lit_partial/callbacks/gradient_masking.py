@@ -71,6 +71,7 @@ from lit_partial.functional.masking import (
     count_masked,
     floor_second_moments,
     guard_masked_elements,
+    kernel_mask,
     mask_gradients,
 )
 from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
@@ -91,6 +92,8 @@ class _Masked:
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
     frozen: int = 0  # masked elements (over all ranks), counted when the mask is built, loaded or logged
+    wide: Tensor | None = None  # strict on CPU: the mask as an int as wide as the parameter, made from `wide_of`
+    wide_of: Tensor | None = None
 
 
 class GradientMasking(Technique):
@@ -312,13 +315,27 @@ class GradientMasking(Technique):
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, e.mask) for e in entries if e.param.requires_grad]  # type: ignore[misc]  # masks built in setup
+            return [(e.param, self._kernel(e)) for e in entries if e.param.requires_grad]
 
         return pairs
 
-    @staticmethod
-    def _mask_of(e: _Masked) -> Callable[[], Tensor | None]:
-        return lambda: e.mask
+    def _kernel(self, e: _Masked) -> Tensor:
+        """The mask as the kernels read it: strict on CPU, a static mask as wide as its parameter, else the bool.
+
+        On CPU the restore and the gradient select multiply int32 views by the mask; an int32 mask vectorizes where
+        an int8 one converts per element, and strict steps measured 0.6-3.5 points faster with it (benchmarks
+        masking: the 'int8 masks' rows), at 4 bytes per masked element beside the strict snapshot's 4. Gradients-only
+        runs keep the 1-byte bool (no gain measured there); a ``where`` mask changes every step (so stays bool).
+        """
+        mask: Tensor = e.mask  # type: ignore[assignment]  # built in setup
+        if not self.strict or e.dynamic is not None or local_tensor(e.param).device.type != "cpu":
+            return mask
+        if e.wide_of is not mask:
+            e.wide, e.wide_of = kernel_mask(mask, e.param, wide=True), mask
+        return e.wide  # type: ignore[return-value]  # just set
+
+    def _mask_of(self, e: _Masked) -> Callable[[], Tensor | None]:
+        return lambda: self._kernel(e)
 
     @staticmethod
     def _stale_marker(entries: list[_Masked]) -> Callable[..., None]:
@@ -348,7 +365,7 @@ class GradientMasking(Technique):
         backward = self._backward
         # Gradients a backward hook masked and nothing wrote since need no second pass.
         cold = [e for e in entries if backward is None or not backward.settled(e.param)]
-        mask_gradients([e.param for e in cold], [e.mask for e in cold])  # type: ignore[misc]  # built in setup
+        mask_gradients([e.param for e in cold], [self._kernel(e) for e in cold])
         _recheck_scaler(trainer, raw)
         every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
         if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
