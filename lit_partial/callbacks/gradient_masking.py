@@ -117,7 +117,8 @@ class GradientMasking(Technique):
         strict: If True (default), masked elements are bit-identical after every ``optimizer.step()`` for
             every ``torch.optim`` optimizer (momentum, Adam moments and weight decay included): the optimizer's
             step hooks keep and restore them, at the cost of one snapshot buffer per masked parameter (its
-            size, like one more optimizer moment; freed in ``teardown``) and two passes over it per step.
+            size, like one more optimizer moment; freed in ``teardown``; on CPU also the mask as int32, which
+            the kernels read faster than the bool) and one restore pass per step (static masks).
             If False, only gradients are masked: cheapest, and exact only for plain SGD (no momentum, no
             weight decay); other optimizers let masked elements drift.
         log_fraction: Log ``masked_fraction/<selector>`` (fraction of frozen elements) at the logging cadence.

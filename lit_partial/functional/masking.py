@@ -104,10 +104,10 @@ def kernel_mask(mask: Tensor, like: Tensor, wide: bool = False) -> Tensor:
     """``mask`` as the 0/1 integers the bit-select kernels multiply by, on ``like``'s device (sharded: its shard).
 
     By default ``int8``: a view of a bool mask (no copy), 1 byte per element. ``wide=True`` gives an integer as wide
-    as ``like``'s elements (``int32`` for ``float32``). On CPU that makes the kernels alone 1.5-1.8x faster (a
-    multiply of equal dtypes vectorizes, ``int32 * int8`` converts element by element), but it reads 4x the mask
-    bytes, and inside a training step it measured no faster (``python -m benchmarks --only masking``: the
-    ``wide`` rows), so the callback keeps ``int8``. Structured masks keep their broadcast shape.
+    as ``like``'s elements (``int32`` for ``float32``). On CPU that makes the kernels alone 1.1-1.7x faster (a
+    multiply of equal dtypes vectorizes, ``int32 * int8`` converts element by element) at 4x the mask bytes:
+    ``GradientMasking`` uses it for strict masking on CPU (faster steps measured), the bool elsewhere
+    (``python -m benchmarks --only masking``). Structured masks keep their broadcast shape.
 
     Example:
         >>> kernel_mask(torch.tensor([True, False]), torch.zeros(2)).tolist()
