@@ -116,6 +116,8 @@ def test_the_layer_switching_presets_select_the_decoder_stack_and_fit_the_job() 
     assert (drop["rate"], drop["allocation"]) == (0.5, "uniform")
     tokens = _preset("token_selection")["lm_token_selection"]
     assert (tokens["keep"], tokens["score"], tokens["scope"]) == (0.6, "loss", "rank")
+    policy = instantiate(_preset("checkpoint_matmul")["lm_checkpoint_matmul"], _convert_="all")
+    assert policy.config() == lit_partial.ActivationDetach(checkpoint="model.model.layers.*", policy="matmul").config()
 
 
 def test_byte_lm_training_loss_goes_through_token_loss(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,6 +87,40 @@ def test_optimizer_state_bytes_are_the_moments_the_optimizer_keeps(optimizer: st
     assert monitor.summary()["optimizer_state_bytes"] == expected
 
 
+class ScaledLinearSum(LinearSum):
+    """LinearSum times a trainable scalar, so something still trains when the layer is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__("adam")
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.layer(batch[0]).sum() * self.scale
+
+
+class FreezeAfterStep(L.Callback):
+    """Freeze the layer and drop its optimizer state from ``step`` on (what AdaptiveFreezing does to a layer)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            pl_module.layer.weight.requires_grad_(False)
+            pl_module.layer.weight.grad = None
+            trainer.optimizers[0].state.pop(pl_module.layer.weight)
+
+
+def test_optimizer_state_is_the_largest_read_when_a_technique_drops_state_during_the_run() -> None:
+    monitor = CostMonitor(every_n_steps=2)
+    fit(monitor, model=ScaledLinearSum(), callbacks=(FreezeAfterStep(2),))  # the weight's Adam state: steps 0, 1
+    summary = monitor.summary()
+    scale = 3 * 4  # the scalar's exp_avg, exp_avg_sq and step
+    assert summary["optimizer_state_bytes"] == 2 * OUT * IN * 4 + 4 + scale  # read after step 0, a measured one
+    assert summary["final_optimizer_state_bytes"] == scale
+    assert monitor.trainable == [OUT * IN + 1] * 2 + [1] * 2
+
+
 def test_the_summary_is_written_with_the_name_and_the_final_metrics(tmp_path: Path) -> None:
     monitor = CostMonitor(every_n_steps=2, path=tmp_path / "costs.json", name="plain")
     fit(monitor)
