@@ -74,7 +74,7 @@ clean-venv:
 
 # The LLM job (experiment=lm, docs/lm_job.md): a byte-level Llama pretrained on Python source (cached), fine-tuned
 # on English prose with each preset of COMPARE_LM; one Hydra multirun, then comparison.md/.png in the sweep folder.
-COMPARE_LM ?= none,lm/freeze_bottom,lm/freeze_tuning,lm/detach_bottom,lm/lora,[lm/lora,lora_fa],lm/checkpoint,lm/selective_checkpoint
+COMPARE_LM ?= none,lm/freeze_bottom,lm/freeze_tuning,lm/detach_bottom,lm/lora,[lm/lora,lora_fa],lm/checkpoint,lm/selective_checkpoint,lm/lisa,lm/badam,lm/adaptive_freezing,lm/drop_backward,lm/token_selection,lm/checkpoint_matmul
 STAMP_LM := $(VENV)/.lit_partial-lm
 
 $(STAMP_LM): pyproject.toml $(VENV)/.torch

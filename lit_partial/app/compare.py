@@ -28,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
-__all__ = ["LM_COLUMNS", "ComparisonReport", "load_runs", "main", "markdown_table", "write_report"]
+__all__ = ["LM_COLUMNS", "ComparisonReport", "load_runs", "main", "markdown_table", "saved_bytes", "write_report"]
 
 log = logging.getLogger("train")
 
@@ -58,6 +58,16 @@ def _ratio(value: float, ref: float) -> str:
 LM_COLUMNS = (("val loss", "val_loss"), ("val bpb", "val_bpb"), ("forget bpb", "forget_bpb"))
 
 
+def saved_bytes(run: dict[str, Any]) -> float:
+    """The activation bytes a run keeps for backward: the larger of its two counts (see ``CostMonitor``).
+
+    ``saved_activation_bytes`` (autograd's saved-tensor hooks) misses what selective checkpointing caches;
+    ``live_forward_bytes`` (storages the forward left alive) sees it, but not tensors made before the forward (the
+    batch). Runs recorded before ``live_forward_bytes`` existed have only the first.
+    """
+    return max(float(run["saved_activation_bytes"]), float(run.get("live_forward_bytes", 0.0)))
+
+
 def _is_lm(rows: list[dict[str, Any]]) -> bool:
     """Runs of the LLM job (they log bits per byte, not accuracy)."""
     return any("val_bpb" in r for r in rows)
@@ -85,7 +95,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['name']} | {values} | {r['backward_flops'] / 1e6:.2f} "
             f"| {_ratio(r['backward_flops'], ref['backward_flops'])} | {r['trainable_params']:,.0f} "
-            f"| {r['saved_activation_bytes'] / 1024:.0f} | {r['optimizer_state_bytes'] / 1024:.0f} "
+            f"| {saved_bytes(r) / 1024:.0f} | {r['optimizer_state_bytes'] / 1024:.0f} "
             f"| {r['step_time_ms']:.1f} | {_ratio(r['step_time_ms'], ref['step_time_ms'])} |"
         )
     return "\n".join(lines)
@@ -116,7 +126,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for row_axes, (ykey, ylabel) in zip(grid, ys, strict=True):
         for ax, (key, label, scale, xscale) in zip(row_axes, panels, strict=True):
             for i, r in enumerate(rows):
-                x = max(r[key] / scale, 1e-3) if xscale == "log" else r[key] / scale
+                value = saved_bytes(r) if key == "saved_activation_bytes" else r[key]
+                x = max(value / scale, 1e-3) if xscale == "log" else value / scale
                 ax.scatter([x], [r.get(ykey, math.nan)], s=60, marker=markers[i % len(markers)], label=r["name"])
             ax.set_xscale(xscale)
             ax.set_xlabel(label)
@@ -146,7 +157,9 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path] | None:
     notes = (
         "\n\nPer training step, averaged over the run: FLOPs and saved activation bytes of the measured steps "
         "(one in `costs.every_n_steps`) "
-        "(torch.utils.flop_counter; bytes saved for backward when backward starts), trainable parameter elements "
+        "(torch.utils.flop_counter; bytes saved for backward when backward starts: the larger of autograd's saved "
+        "tensors and the storages the forward left alive, which include selective checkpointing's cache), "
+        "trainable parameter elements "
         "(requires_grad, less masked elements), the largest optimizer state (after the measured steps and at the end), "
         "median wall time of the unmeasured steps "
         "(CPU, shared machine: noisy). SelectiveBackprop's scoring forward is in the time, not in the FLOPs.\n"

@@ -3,7 +3,9 @@
 :class:`CostMonitor` (a measurement callback, like Lightning's ``ThroughputMonitor``; the main job's comparison
 report is built from it) measures every ``every_n_steps``-th training batch with ``torch.utils.flop_counter``
 (forward and backward FLOPs, split at ``on_before_backward`` / ``on_after_backward``) and
-:class:`~lit_partial.functional.SavedTensorTracker` (bytes saved for backward when backward starts), counts
+:class:`~lit_partial.functional.SavedTensorTracker` (bytes saved for backward when backward starts; beside it
+:class:`~lit_partial.functional.measure.LiveStorageCounter`'s ``live_forward_bytes``, the storages the forward
+left alive, which include what selective checkpointing caches, invisible to saved-tensor hooks), counts
 trainable parameter elements (``requires_grad`` minus elements masked by ``GradientMasking``) on every batch,
 times the *other* batches (end of the previous batch to end of this one, so data loading and SelectiveBackprop's
 scoring pass are included; the first batch of each epoch is left out), and reads the optimizer state after every
@@ -40,9 +42,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lit_partial.errors import ConfigurationError
+from lit_partial.errors import ConfigurationError, UnsupportedStructureError
 from lit_partial.functional.activations import SavedTensorTracker
+from lit_partial.functional.measure import LiveStorageCounter
 from lit_partial.summary import summarize
+from lit_partial.tree import leaves
 
 __all__ = ["CostMonitor", "optimizer_state_bytes", "trainable_elements"]
 
@@ -60,6 +64,14 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
         for state in opt.state.values():
             total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     return total
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors of a batch; none when lit_partial cannot look inside it (then they count, if views are saved)."""
+    try:
+        return leaves(batch)
+    except UnsupportedStructureError:
+        return []
 
 
 class CostMonitor(Callback):
@@ -87,12 +99,14 @@ class CostMonitor(Callback):
         self.forward_flops: list[int] = []
         self.backward_flops: list[int] = []
         self.saved_bytes: list[int] = []
+        self.live_bytes: list[int] = []  # storages the forward left alive (selective checkpointing's cache included)
         self.trainable: list[int] = []
         self.step_seconds: list[float] = []
         self.optimizer_bytes = 0  # the largest optimizer state read (measured steps and the end)
         self.final_optimizer_bytes = 0
         self._flops: FlopCounterMode | None = None
         self._tracker: SavedTensorTracker | None = None
+        self._live: LiveStorageCounter | None = None
         self._before_backward = 0
         self._backward = 0
         self._saved = 0
@@ -106,17 +120,22 @@ class CostMonitor(Callback):
         self.trainable.append(trainable_elements(pl_module))
         if batch_idx % self.every_n_steps:
             return
-        self._backward = self._saved = 0
+        self._backward = self._saved = self._live_saved = 0
         self._tracker = SavedTensorTracker(exclude=[pl_module])
         self._tracker.__enter__()
         self._flops = FlopCounterMode(display=False)
         self._flops.__enter__()  # type: ignore[no-untyped-call]  # torch leaves FlopCounterMode untyped
+        self._live = LiveStorageCounter(exclude=[pl_module, *_tensors(batch)])  # the batch is not an activation
+        self._live.__enter__()  # the innermost mode: it leaves at on_before_backward, the forward's end
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         if self._flops is not None and self._tracker is not None:
             self._before_backward = int(self._flops.get_total_flops())
             self._saved = max(self._saved, self._tracker.live_bytes())
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live_saved = max(self._live_saved, self._live.live_bytes())
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -134,6 +153,7 @@ class CostMonitor(Callback):
             self.forward_flops.append(total - self._backward)
             self.backward_flops.append(self._backward)
             self.saved_bytes.append(self._saved)
+            self.live_bytes.append(self._live_saved)
             self.optimizer_bytes = max(self.optimizer_bytes, optimizer_state_bytes(list(trainer.optimizers)))
         elif batch_idx > 0 and self._last_end is not None:
             self.step_seconds.append(now - self._last_end)
@@ -159,6 +179,9 @@ class CostMonitor(Callback):
     def _close(self) -> None:
         flops, self._flops = self._flops, None
         tracker, self._tracker = self._tracker, None
+        live, self._live = self._live, None
+        if live is not None:
+            live.__exit__(None, None, None)
         if flops is not None:
             flops.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # untyped in torch
         if tracker is not None:
@@ -183,6 +206,7 @@ class CostMonitor(Callback):
             "forward_flops": mean(self.forward_flops),
             "backward_flops": mean(self.backward_flops),
             "saved_activation_bytes": mean(self.saved_bytes),
+            "live_forward_bytes": mean(self.live_bytes),
             "trainable_params": mean(self.trainable),
             "optimizer_state_bytes": self.optimizer_bytes,
             "final_optimizer_state_bytes": self.final_optimizer_bytes,

@@ -73,3 +73,17 @@ def test_report_from_costs_files(tmp_path: Path) -> None:
     assert "| freeze_backbone | 0.900 | 1.00 | 0.25x |" in md.read_text() and png.is_file()
     assert markdown_table(load_runs(tmp_path)).count("\n") == 3
     assert write_report(tmp_path / "empty") is None
+
+
+def test_the_saved_column_is_the_larger_count_so_selective_checkpointing_caches_show() -> None:
+    from lit_partial.app.compare import saved_bytes
+
+    costs = {"val_acc": 0.9, "backward_flops": 1e6, "forward_flops": 1e6, "trainable_params": 10}
+    costs |= {"optimizer_state_bytes": 4096, "step_time_ms": 2.0}
+    rows = [
+        {"name": "none", **costs, "saved_activation_bytes": 8192},  # recorded before live_forward_bytes existed
+        {"name": "sac", **costs, "saved_activation_bytes": 1024, "live_forward_bytes": 6144},  # hooks miss the cache
+        {"name": "batch", **costs, "saved_activation_bytes": 3072, "live_forward_bytes": 2048},  # the batch is saved
+    ]
+    assert [saved_bytes(r) for r in rows] == [8192, 6144, 3072]
+    assert [line.split(" | ")[5] for line in markdown_table(rows).splitlines()[2:]] == ["8", "6", "3"]

@@ -138,3 +138,38 @@ def test_the_summary_is_written_with_the_name_and_the_final_metrics(tmp_path: Pa
 def test_every_n_steps_must_be_an_int_of_at_least_two(value: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"`every_n_steps` must be an int >= 2 .*got .*; e.g. every_n_steps=2"):
         CostMonitor(every_n_steps=value)
+
+
+class TwoLayers(PartialBackpropMixin, L.LightningModule):
+    """Linear-Tanh-Linear whose loss is the sum of its outputs; nothing logged (logging keeps tensors alive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN, 8), nn.Tanh(), nn.Linear(8, OUT))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_live_forward_bytes_see_what_selective_checkpointing_caches() -> None:
+    from lit_partial import ActivationDetach
+    from lit_partial.functional.activation_cuts import checkpoint_modules
+    from lit_partial.functional.selective_checkpoint import live_forward_bytes
+
+    monitor = CostMonitor(every_n_steps=2)
+    model = TwoLayers()
+    quiet_trainer(max_steps=4, callbacks=[ActivationDetach(checkpoint="net", policy="matmul"), monitor]).fit(
+        model, loader()
+    )
+    x = torch.randn(B, IN)
+    handles = checkpoint_modules(model, "net", policy="matmul")
+    reference = live_forward_bytes(lambda: model.net(x).sum(), exclude=[model, x])
+    handles.remove()
+    # the cached outputs of both matrix products (B x 8 and B x OUT floats) and the loss; the hooks see only the input.
+    # Under the Trainer one float more: Lightning's loss / accumulate_grad_batches.
+    assert reference == (B * 8 + B * OUT + 1) * 4 and monitor.live_bytes == [reference + 4] * 2
+    assert monitor.saved_bytes == [B * IN * 4] * 2
+    assert monitor.summary()["live_forward_bytes"] == reference + 4
