@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from lit_partial.app.cli import is_config_error, run_cli
+from lit_partial.app.compare import saved_bytes
 from lit_partial.app.config import CONF_DIR, register_configs
 from lit_partial.app.pretrain import ensure_pretrained, load_pretrained
 from lit_partial.app.resume import RngState
@@ -290,7 +291,7 @@ def _report(cfg: DictConfig, model: Any, metrics: dict[str, float], out: Path) -
         lines += [
             "",
             f"costs per step: backward {c['backward_flops'] / 1e6:.3g} MFLOPs, forward {c['forward_flops'] / 1e6:.3g} "
-            f"MFLOPs, saved activations {c['saved_activation_bytes'] / 1024:.0f} KiB, trainable parameters "
+            f"MFLOPs, saved activations {saved_bytes(c) / 1024:.0f} KiB, trainable parameters "
             f"{c['trainable_params']:,.0f}, optimizer state {c['optimizer_state_bytes'] / 1024:.0f} KiB, "
             f"{c['step_time_ms']:.1f} ms",
         ]
