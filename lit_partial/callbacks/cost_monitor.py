@@ -4,7 +4,7 @@
 report is built from it) measures every ``every_n_steps``-th training batch with ``torch.utils.flop_counter``
 (forward and backward FLOPs, split at ``on_before_backward`` / ``on_after_backward``) and
 :class:`~lit_partial.functional.SavedTensorTracker` (bytes saved for backward when backward starts; beside it
-:class:`~lit_partial.functional.measure.LiveStorageCounter`'s ``live_forward_bytes``, the storages the forward
+:class:`~lit_partial.functional.LiveStorageCounter`'s ``live_forward_bytes``, the storages the forward
 left alive, which include what selective checkpointing caches, invisible to saved-tensor hooks), counts
 trainable parameter elements (``requires_grad`` minus elements masked by ``GradientMasking``) on every batch,
 times the *other* batches (end of the previous batch to end of this one, so data loading and SelectiveBackprop's

@@ -51,7 +51,7 @@ from lit_partial.functional.masking import (
     restore_masked,
     snapshot_masked,
 )
-from lit_partial.functional.measure import count_flops
+from lit_partial.functional.measure import LiveStorageCounter, count_flops
 from lit_partial.functional.selection_sampling import (
     SamplePool,
     UnsupportedBatchError,
@@ -134,3 +134,4 @@ __all__ = [
 __all__ += ["masked_token_mean", "num_kept_tokens", "select_tokens", "token_losses", "token_scores"]
 __all__ += ["allocate_drop_rates", "draw_drop_set", "drop_branch_outputs", "weighted_drop_rate"]
 __all__ += ["frozen_aware_checkpointing", "live_forward_bytes", "resolve_policy", "selective_context_fn"]
+__all__ += ["LiveStorageCounter"]

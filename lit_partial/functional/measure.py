@@ -41,7 +41,8 @@ class LiveStorageCounter:
 
     After a forward, that is what the forward keeps for backward *including* the outputs selective checkpointing
     (``policy=``) caches inside the checkpoint, which autograd's saved-tensor hooks (so ``SavedTensorTracker``) do
-    not see. Recording stops at exit; :meth:`live_bytes` can be read after it.
+    not see. Recording stops at exit; :meth:`live_bytes` can be read after it. Outputs that are tensor subclasses
+    without a storage of their own (DTensor, so FSDP2's parameters' products) are not counted.
 
     Args:
         exclude: Tensors and modules (their parameters and buffers) whose storages never count.
@@ -72,9 +73,14 @@ class LiveStorageCounter:
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
                 out = func(*args, **(kwargs or {}))
                 for t in out if isinstance(out, tuple | list) else (out,):  # an op returns a tensor or a sequence
-                    if isinstance(t, torch.Tensor):  # (profiler ops return ScriptObjects: not storages)
+                    if not isinstance(t, torch.Tensor):  # profiler ops return ScriptObjects: not storages
+                        continue
+                    try:
                         storage = t.untyped_storage()
-                        records.append((weakref.ref(t), storage.data_ptr(), storage.nbytes()))
+                        ptr, size = storage.data_ptr(), storage.nbytes()
+                    except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor): no storage of its own
+                        continue
+                    records.append((weakref.ref(t), ptr, size))
                 return out
 
         self._mode = _Record()
