@@ -36,6 +36,15 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def _storage(t: Tensor) -> tuple[int | None, int]:
+    """``(data pointer, bytes)`` of ``t``'s storage; ``(None, 0)`` for a subclass without one (DTensor)."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None, 0
+
+
 class LiveStorageCounter:
     """Context manager recording the storage of every op output while active; counts the distinct ones still alive.
 
@@ -62,7 +71,7 @@ class LiveStorageCounter:
         self._skip: set[int] = set()
         for item in [exclude] if isinstance(exclude, Tensor | nn.Module) else exclude:
             tensors = [*item.parameters(), *item.buffers()] if isinstance(item, nn.Module) else [item]
-            self._skip.update(t.untyped_storage().data_ptr() for t in tensors)
+            self._skip.update(ptr for ptr, _ in map(_storage, tensors) if ptr is not None)
         self._records: list[tuple[weakref.ref[Tensor], int, int]] = []
         self._mode: Any = None
 
@@ -75,12 +84,9 @@ class LiveStorageCounter:
                 for t in out if isinstance(out, tuple | list) else (out,):  # an op returns a tensor or a sequence
                     if not isinstance(t, torch.Tensor):  # profiler ops return ScriptObjects: not storages
                         continue
-                    try:
-                        storage = t.untyped_storage()
-                        ptr, size = storage.data_ptr(), storage.nbytes()
-                    except (RuntimeError, NotImplementedError):  # a wrapper subclass (DTensor): no storage of its own
-                        continue
-                    records.append((weakref.ref(t), ptr, size))
+                    ptr, size = _storage(t)
+                    if ptr is not None:
+                        records.append((weakref.ref(t), ptr, size))
                 return out
 
         self._mode = _Record()
