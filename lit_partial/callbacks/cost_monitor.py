@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from lit_partial._compat import total_flop_counter
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activations import SavedTensorTracker
 from lit_partial.summary import summarize
@@ -106,7 +107,7 @@ class CostMonitor(Callback):
         self._backward = self._saved = 0
         self._tracker = SavedTensorTracker(exclude=[pl_module])
         self._tracker.__enter__()
-        self._flops = FlopCounterMode(display=False)
+        self._flops = total_flop_counter()  # FlopCounterMode's module tracking would keep cut-off graphs alive
         self._flops.__enter__()  # type: ignore[no-untyped-call]  # torch leaves FlopCounterMode untyped
 
     @override
