@@ -23,6 +23,7 @@ from lit_partial import ActivationDetach, ActivationMemoryMonitor, ConditionalDe
 from lit_partial.functional import detach_outputs
 from tests.helpers import quiet_trainer
 from tests.helpers.activation_models import UNIT, B, FFNModule, N, W, ffn_loader
+from tests.helpers.compile import BACKEND, dynamo_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*validation_step.*")
 
@@ -74,10 +75,12 @@ class _GraphBelowCut(Callback):
         self._handle.remove()
 
 
-def _cut(how: str) -> tuple[FFNModule, list[Callback]]:
+def _cut(how: str, compiled: bool = False) -> tuple[FFNModule, list[Callback]]:
     if how == "hand":
         return FFNModule(hand_detach=1), []
     model = FFNModule()
+    if compiled:  # the blocks and the hooks on them run inside one compiled region
+        model.net.compile(backend=BACKEND)
     if how == "ActivationDetach":
         return model, [ActivationDetach(at=CUT)]
     if how == "ConditionalDetach":
@@ -86,8 +89,8 @@ def _cut(how: str) -> tuple[FFNModule, list[Callback]]:
     return model, []
 
 
-def _measure(how: str) -> tuple[CostMonitor, ActivationMemoryMonitor, _GraphBelowCut]:
-    model, callbacks = _cut(how)
+def _measure(how: str, compiled: bool = False) -> tuple[CostMonitor, ActivationMemoryMonitor, _GraphBelowCut]:
+    model, callbacks = _cut(how, compiled)
     cost, monitor, sentinel = CostMonitor(every_n_steps=2), ActivationMemoryMonitor(), _GraphBelowCut()
     quiet_trainer(max_steps=4, callbacks=[*callbacks, sentinel, monitor, cost], limit_val_batches=0).fit(
         model, ffn_loader()
@@ -104,6 +107,17 @@ def test_a_cut_frees_the_activations_below_it_on_measured_steps_too(how: str) ->
     # backward runs through blocks 2 and 3 only, (B, W) x (W, W) products of 2 * B * W * W FLOPs: a weight gradient
     # for each of their 4 Linears, an input gradient for 3 of them (block 2's fc1 has a detached input)
     assert cost.backward_flops == [(4 + 3) * 2 * B * W * W] * 2
+
+
+@pytest.mark.parametrize("how", ["ActivationDetach", "ConditionalDetach", "detach_outputs"])
+def test_a_cut_in_a_compiled_model_holds_the_bytes_of_the_hand_written_detach(how: str) -> None:
+    # No CostMonitor here: a model first called under its FlopCounterMode (a dispatch mode) is never compiled.
+    model, callbacks = _cut(how, compiled=True)
+    monitor = ActivationMemoryMonitor()
+    with dynamo_counts() as counts:
+        quiet_trainer(max_steps=4, callbacks=[*callbacks, monitor], limit_val_batches=0).fit(model, ffn_loader())
+    assert (counts.graphs, counts.breaks) == (1, 0)
+    assert list(monitor.history) == [HAND_BYTES] * 4
 
 
 def test_without_a_cut_the_sentinel_lives_until_backward() -> None:
