@@ -200,7 +200,7 @@ def total_flop_counter() -> FlopCounterMode:
             f"torch {torch.__version__}: FlopCounterMode has no `mod_tracker`; lit_partial's FLOP counting that keeps "
             "no graph alive needs updating for this torch version (lit_partial/_compat.py)."
         )
-    counter.mod_tracker = _GlobalOnly()
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]  # duck-typed: parents, __enter__, __exit__
     return counter
 
 

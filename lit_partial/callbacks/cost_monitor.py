@@ -7,7 +7,8 @@ report is built from it) measures every ``every_n_steps``-th training batch with
 trainable parameter elements (``requires_grad`` minus elements masked by ``GradientMasking``) on every batch,
 times the *other* batches (end of the previous batch to end of this one, so data loading and SelectiveBackprop's
 scoring pass are included; the first batch of each epoch is left out), and reads the optimizer state at the end.
-It only observes: a measured step computes exactly what an unmeasured one does.
+It only observes: a measured step computes exactly what an unmeasured one does, and holds what it holds (FLOPs are
+counted without ``FlopCounterMode``'s module tracking, which would keep the graph below a ``.detach()`` alive).
 
 Example:
     >>> import lightning as L
