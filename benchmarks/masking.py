@@ -1,11 +1,12 @@
 """GradientMasking: step-time overhead and the masking kernels' bandwidth on the 8-block FFN.
 
-Part 1 times one AdamW training step of ``ResidualFFN(8, 384)`` on a batch of 256 with a random mask
-(keep 10%) on every weight: no masking, gradient masking only (``strict=False``) and strict masking
-(gradient masking + step hooks that keep masked elements bit-identical), interleaved in one run.
+Part 1 times one training step (SGD momentum, AdamW) of ``ResidualFFN(8, 384)`` on a batch of 256 with a random
+mask (keep 10%) on every weight: no masking, gradient masking only (``strict=False``) and strict masking
+(gradient masking + step hooks that keep masked elements bit-identical), each also with the gradients masked in
+the backward (``mask_in_backward=True``), interleaved in one run, timed by thread CPU time.
 Part 2 times the kernels on the same 16 weights against a plain tensor copy and reports achieved
-bandwidth (bytes read + written per second) as a fraction of the copy's; it also times the obvious
-alternatives (``torch.where``, ``masked_fill_``) that the bit-select kernels replaced.
+bandwidth (bytes read + written per second) as a fraction of the copy's, with the alternatives tried
+(``torch.where``, ``masked_fill_``, int32 masks, restoring only the masked elements by index).
 
     python -m benchmarks --only masking [--quick]
 """
@@ -13,6 +14,7 @@ alternatives (``torch.where``, ``masked_fill_``) that the bit-select kernels rep
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +37,8 @@ from lit_partial.functional.masking import (
 REQUIRES: tuple[str, ...] = ()  # optional packages, checked before any section runs
 
 KEEP = 0.1
-AT_STEP = ", at the step (mask_in_backward=False)"
+IN_BACKWARD = ", in the backward (mask_in_backward=True)"
+WIDE = "int32 masks"
 
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -62,9 +65,10 @@ def _trainer() -> L.Trainer:
 def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]:
     """One training step with the real ``GradientMasking`` hooks called where Lightning calls them.
 
-    ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``AT_STEP``
-    (``mask_in_backward=False``: one pass over the cold gradients at the step); "strict, no second-moment floor"
-    (the functional kernels alone, bool masks, at the step).
+    ``variant``: "none"; "grads only (strict=False)" and "strict" (the callback), either with ``IN_BACKWARD``
+    (post-accumulate-grad hooks instead of one pass at the step); "strict, no second-moment floor" (the functional
+    kernels alone); "alt: ..." the functional kernels with the other mask form than the callback's (gradients only:
+    int32 masks instead of the bool; strict: the bool instead of the callback's int32 masks on CPU).
     """
     model, x, y = ffn_setup(device=device)
     weights = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
@@ -76,7 +80,7 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
             dict(masks),
             strict=variant.startswith("strict"),
             log_fraction=False,
-            mask_in_backward=not variant.endswith(AT_STEP),
+            mask_in_backward=variant.endswith(IN_BACKWARD),
         )
         trainer = _trainer()
         cb.setup(trainer, model, "fit")  # type: ignore[arg-type]
@@ -85,7 +89,10 @@ def _train_step(variant: str, optimizer: str, device: str) -> Callable[[], None]
         before = lambda: cb.on_before_optimizer_step(trainer, model, opt)  # type: ignore[arg-type]  # noqa: E731
     elif variant != "none":
         params, bools = [p for _, p in weights], [masks[n] for n, _ in weights]
-        guard_masked_elements(opt, lambda: list(zip(params, bools, strict=True)))
+        if WIDE in variant:
+            bools = [kernel_mask(m, p, wide=True) for m, p in zip(bools, params, strict=True)]
+        if variant.startswith("alt: strict") or "no second-moment floor" in variant:
+            guard_masked_elements(opt, lambda: list(zip(params, bools, strict=True)))
         before = lambda: mask_gradients(params, bools)  # noqa: E731
 
     def step() -> None:
@@ -126,7 +133,7 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     ps = [p.clone() for _, p in weights]
     grads = [torch.randn_like(p) for p in ps]
     masks = [build_random_mask(p.shape, KEEP, seed=0, name=n).to(device) for n, p in weights]
-    kernels = [kernel_mask(m, p) for m, p in zip(masks, ps, strict=True)]
+    wide = [kernel_mask(m, p, wide=True) for m, p in zip(masks, ps, strict=True)]
     frozen = [~m for m in masks]
     dst = [torch.empty_like(p) for p in ps]
     zero = torch.zeros((), device=device)
@@ -134,18 +141,22 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
     for h, g in zip(holders, grads, strict=True):
         h.grad = g
     snaps = snapshot_masked(ps, masks)
-    noop = _NoStep(ps)
-    guard_masked_elements(noop, lambda: list(zip(ps, kernels, strict=True)))
+    where = [f.flatten().nonzero().flatten() for f in frozen]  # int64 indices of the masked elements
+    values = [p.flatten()[i].clone() for p, i in zip(ps, where, strict=True)]
+    own = [p.clone() for p in ps]  # the guard's own parameters: the other kernels write ps (a new snapshot each time)
+    noop = _NoStep(own)
+    strict_masks = wide if device == "cpu" else masks  # what the callback hands its guard
+    guard_masked_elements(noop, lambda: list(zip(own, strict_masks, strict=True)))
     n = sum(p.numel() for p in ps)
-    size, ksize = ps[0].element_size(), kernels[0].element_size()
+    size, wsize = ps[0].element_size(), wide[0].element_size()
     fns: dict[str, Callable[[], Any]] = {
         "plain copy (reference)": lambda: torch._foreach_copy_(dst, ps),
-        "mask_gradients, bool mask (int8 view)": lambda: mask_gradients(holders, masks),
-        "mask_gradients, kernel_mask": lambda: mask_gradients(holders, kernels),
+        "mask_gradients (bit-select, bool mask as int8)": lambda: mask_gradients(holders, masks),
+        "alt: mask_gradients, mask as wide as the parameter": lambda: mask_gradients(holders, wide),
         "snapshot_masked (into reused buffers)": lambda: snapshot_masked(ps, masks, out=snaps),
-        "restore_masked, bool mask (int8 view)": lambda: restore_masked(ps, masks, snaps),
-        "restore_masked, kernel_mask": lambda: restore_masked(ps, kernels, snaps),
-        "strict hooks as the callback runs them (static mask: restore only)": noop.step,
+        "restore_masked (bool mask as int8)": lambda: restore_masked(ps, masks, snaps),
+        "alt: restore_masked, mask as wide as the parameter": lambda: restore_masked(ps, wide, snaps),
+        RESTORE: noop.step,
         "alt: torch.where(m, g, 0, out=g)": lambda: [
             torch.where(m, g, zero, out=g) for g, m in zip(grads, masks, strict=True)
         ],
@@ -153,21 +164,54 @@ def _kernels(device: str) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]
         "alt: torch.where restore": lambda: [
             torch.where(m, p, s, out=p) for p, m, s in zip(ps, masks, snaps, strict=True)
         ],
+        "alt: restore only the masked elements (index_copy_ from a compact snapshot)": lambda: [
+            p.view(-1).index_copy_(0, i, v) for p, i, v in zip(ps, where, values, strict=True)
+        ],
     }
-    # Bytes each kernel must read + write at minimum (a bool mask is 1 byte per element, a kernel mask ksize).
+    # Bytes each kernel must read + write at minimum (a bool mask is 1 byte per element, a wide one wsize).
     moved = {
         "plain copy (reference)": n * 2 * size,
-        "mask_gradients, bool mask (int8 view)": n * (2 * size + 1),
-        "mask_gradients, kernel_mask": n * (2 * size + ksize),
+        "mask_gradients (bit-select, bool mask as int8)": n * (2 * size + 1),
+        "alt: mask_gradients, mask as wide as the parameter": n * (2 * size + wsize),
         "snapshot_masked (into reused buffers)": n * (2 * size + 1),
-        "restore_masked, bool mask (int8 view)": n * (3 * size + 1),
-        "restore_masked, kernel_mask": n * (3 * size + ksize),
-        "strict hooks as the callback runs them (static mask: restore only)": n * (3 * size + ksize),
+        "restore_masked (bool mask as int8)": n * (3 * size + 1),
+        "alt: restore_masked, mask as wide as the parameter": n * (3 * size + wsize),
+        RESTORE: n * (3 * size + strict_masks[0].element_size()),
         "alt: torch.where(m, g, 0, out=g)": n * (2 * size + 1),
         "alt: g.masked_fill_(~m, 0)": n * (2 * size + 1),
         "alt: torch.where restore": n * (3 * size + 1),
+        "alt: restore only the masked elements (index_copy_ from a compact snapshot)": sum(i.numel() for i in where)
+        * (8 + 2 * size),
     }
     return fns, moved
+
+
+def _rounds(steps: dict[Any, Callable[[], None]], *, rounds: int, iters: int, cpu_time: bool) -> list[dict[Any, float]]:
+    """Seconds per step of every variant, per round; each round runs all variants back to back, order rotating.
+
+    On CPU each step is timed by this thread's CPU time (``time.thread_time``), not the wall clock: on a machine
+    shared with other jobs, time spent descheduled is the noise that dominated wall-clock ratios (what remains
+    is contention for caches and memory bandwidth). On GPU: wall time between synchronizations.
+    """
+    names = list(steps)
+    for fn in steps.values():
+        for _ in range(2):
+            fn()
+    clock = time.thread_time if cpu_time else time.perf_counter
+    out = []
+    for r in range(rounds):
+        times = {}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = clock()
+            for _ in range(iters):
+                steps[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name] = (clock() - start) / iters
+        out.append(times)
+    return out
 
 
 def _spread(ratios: list[float]) -> str:
@@ -176,24 +220,24 @@ def _spread(ratios: list[float]) -> str:
     return f"{100 * (q[0] - 1):+.1f}% .. {100 * (q[2] - 1):+.1f}%"
 
 
+RESTORE = "strict hooks as the callback runs them (static mask: restore only)"
 TARGETS = {"strict": "<= +8%", "grads only (strict=False)": "<= +3%"}
 
 
 def run(args: Any) -> Section:
     quiet()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rounds, iters = (4, 3) if args.quick else (21, 5)
-    variants = ("none", "grads only (strict=False)", "grads only" + AT_STEP, "strict", "strict" + AT_STEP)
+    rounds, iters = (5, 1) if args.quick else (61, 1)
+    variants = ("none", "grads only (strict=False)", "grads only" + IN_BACKWARD, "strict", "strict" + IN_BACKWARD)
     steps = {(o, v): _train_step(v, o, device) for o in OPTIMIZERS for v in variants}
-    before = "strict, no second-moment floor (kernels alone, bool masks, at the step)"
+    before = "strict, no second-moment floor (kernels alone)"
     steps[("AdamW", before)] = _train_step(before, "AdamW", device)
+    for alt in (f"alt: grads only, {WIDE} (kernel_mask(wide=True))", "alt: strict, bool masks read as int8"):
+        steps[("SGD momentum", alt)] = _train_step(alt, "SGD momentum", device)  # no floor: same as the callback
     # Per-round ratios, then their median: each round runs every variant back to back (order rotating), so load
     # that drifts between rounds cancels out of the ratio; a variant's best round alone could come from a quiet
     # moment its reference never saw.
-    per_round = [
-        time_side_by_side(steps, warmup=2 if r == 0 else 0, rounds=1, iters=iters, order_offset=r)
-        for r in range(rounds)
-    ]
+    per_round = _rounds(steps, rounds=rounds, iters=iters, cpu_time=device == "cpu")
     rows: list[dict[str, Any]] = []
     for opt, variant in steps:
         ratios = [t[(opt, variant)] / t[(opt, "none")] for t in per_round]
@@ -219,7 +263,7 @@ def run(args: Any) -> Section:
         for name, t in adam.items()
     ]
     fns, moved = _kernels(device)
-    ktimes = time_side_by_side(fns, warmup=3, rounds=2 * rounds, iters=4 * iters, reduce="min")
+    ktimes = time_side_by_side(fns, warmup=3, rounds=7 if args.quick else 21, iters=10, reduce="min")
     copy_bw = moved["plain copy (reference)"] / ktimes["plain copy (reference)"]
     for name, t in ktimes.items():
         bw = moved[name] / t
@@ -233,14 +277,11 @@ def run(args: Any) -> Section:
             }
         )
     base = min(t[("SGD momentum", "none")] for t in per_round)
-    restore = "strict hooks as the callback runs them (static mask: restore only)"
+    select = "mask_gradients (bit-select, bool mask as int8)"
+    strict_select = "alt: mask_gradients, mask as wide as the parameter" if device == "cpu" else select
     own = {
-        "grads only, at the step": (ktimes["mask_gradients, kernel_mask"], moved["mask_gradients, kernel_mask"]),
-        "strict, at the step": (
-            ktimes["mask_gradients, kernel_mask"] + ktimes[restore],
-            moved["mask_gradients, kernel_mask"] + moved[restore],
-        ),
-        "strict restore alone (what remains with masking in the backward)": (ktimes[restore], moved[restore]),
+        "grads only": (ktimes[select], moved[select]),
+        "strict": (ktimes[strict_select] + ktimes[RESTORE], moved[strict_select] + moved[RESTORE]),
     }
     for variant, (t, nbytes) in own.items():
         rows.append(
@@ -260,22 +301,24 @@ def run(args: Any) -> Section:
         notes=[
             f"device {device}; random masks keep={KEEP} on all 16 weights ({numel:,} elements); step = zero_grad, "
             "forward, MSE, backward, [on_before_optimizer_step], optimizer step [+ strict pre/post hooks].",
-            "Default (no suffix): static masks are applied by a post-accumulate-grad hook as each gradient is final, "
-            "still in cache; the step masks only gradients written since. 'at the step': one pass over the cold "
-            "gradients in on_before_optimizer_step (the behaviour before issue 25, and the DDP/FSDP2 path).",
+            "Default (no suffix): one pass over the gradients in on_before_optimizer_step. 'in the backward': static "
+            "masks applied by post-accumulate-grad hooks as each gradient is final, still in cache; the step masks "
+            "only gradients written since.",
             "Kernels view tensors as same-width ints and multiply by a 0/1 integer mask: exact bits (NaN/inf -> "
-            "+0.0, -0.0 kept), one pass. kernel_mask: on CPU the mask as wide as the parameter (int32), so the "
-            "multiply vectorizes; a bool mask (int8 view) converts per element. Bandwidth counts the minimum bytes.",
+            "+0.0, -0.0 kept), one pass. Masks: the bool viewed as int8 (gradients only), or on CPU in strict mode "
+            "an int32 mask (kernel_mask(wide=True): a same-dtype multiply vectorizes, 4x the mask bytes). "
+            "Bandwidth counts the minimum bytes.",
             f"Strict memory: one snapshot buffer per masked weight, reused every step ({4 * numel / 2**20:.1f} MiB "
-            f"here); kernel masks {4 * numel / 2**20:.1f} MiB on CPU (1 byte/element on GPU), bool masks "
+            f"here), plus strict's int32 masks on CPU ({4 * numel / 2**20:.1f} MiB); bool masks "
             f"{numel / 2**20:.1f} MiB.",
             "AdamW rows include AdamW's own extra cost on zero gradients (the 'AdamW.step alone' rows, no masking "
             "code), removed by floor_second_moments; the SGD-momentum rows isolate the masking cost.",
             "'Own work' rows time the kernels alone on cold tensors; 'roofline' is the same bytes at the measured "
             "copy bandwidth, as a share of the unmasked SGD-momentum step.",
-            f"{torch.get_num_threads()} CPU thread(s). Train steps: {rounds} rounds of {iters} steps per variant, "
-            "variants back to back in each round (order rotating); 'vs reference' is the median over rounds of the "
-            "per-round ratio to the unmasked step (middle half of the rounds beside it), 'ms' each variant's best "
-            "round. Other rows: each variant's best of interleaved rounds. Shared CPU: read the ratios.",
+            f"{torch.get_num_threads()} CPU thread(s). Train steps: {rounds} rounds of {iters} step(s) per variant, "
+            "variants back to back in each round (order rotating), timed by thread CPU time on CPU (wall time "
+            "between syncs on GPU); 'vs reference' is the median over rounds of the per-round ratio to the unmasked "
+            "step (middle half of the rounds beside it), 'ms' each variant's best round. Other rows: wall time, "
+            "each variant's best of interleaved rounds. Shared CPU: read the ratios.",
         ],
     )

@@ -25,15 +25,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "DDP_IGNORE_ATTR",
+    "HF_CHECKPOINT_FUNC_ATTR",
+    "SDPA_OP_NAMES",
     "ddp_ignored_names",
     "ddp_kwargs",
     "foreach_mul_",
+    "hf_checkpoint_layers",
+    "is_op",
     "is_running_stats_norm",
     "module_class_names",
     "named_tree",
     "non_finite_check_and_unscale_",
     "scaler_found_inf_per_device",
+    "sdpa_ops",
     "set_ddp_ignored_names",
+    "torch_dispatch_mode",
     "version_counter",
     "view_base",
 ]
@@ -158,6 +164,51 @@ def set_ddp_ignored_names(module: nn.Module, names: Sequence[str]) -> None:
         setattr(module, DDP_IGNORE_ATTR, list(names))
     elif DDP_IGNORE_ATTR in module.__dict__:
         delattr(module, DDP_IGNORE_ATTR)
+
+
+#: The fused attention ops ``F.scaled_dot_product_attention`` dispatches to (one per backend; names are private
+#: aten ops, so selective-checkpointing policies that save attention outputs list them here). Missing ones are
+#: skipped by :func:`sdpa_ops` (a backend compiled out of this torch build).
+SDPA_OP_NAMES = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
+def sdpa_ops() -> list[Any]:
+    """The ``torch.ops.aten`` overload packets of :data:`SDPA_OP_NAMES` that this torch build has."""
+    return [getattr(torch.ops.aten, name) for name in SDPA_OP_NAMES if hasattr(torch.ops.aten, name)]
+
+
+def is_op(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.ops`` op: ``torch._ops.OpOverload`` or ``OpOverloadPacket`` (no public alias)."""
+    return isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
+def torch_dispatch_mode() -> type:
+    """``torch.utils._python_dispatch.TorchDispatchMode``: the base of op-level interceptors, with no public alias.
+
+    (``FlopCounterMode`` and ``create_selective_checkpoint_contexts`` are built on it.)
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+#: The attribute through which a Hugging Face ``GradientCheckpointingLayer`` calls its checkpoint function (set by
+#: ``gradient_checkpointing_enable()``; transformers has no public way to replace the function of one layer).
+HF_CHECKPOINT_FUNC_ATTR = "_gradient_checkpointing_func"
+
+
+def hf_checkpoint_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Hugging Face layers of ``model`` with gradient checkpointing enabled (and a checkpoint function set)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if getattr(m, "gradient_checkpointing", False) is True and HF_CHECKPOINT_FUNC_ATTR in m.__dict__
+    ]
 
 
 def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:

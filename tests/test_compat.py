@@ -188,6 +188,26 @@ def test_fully_shard_swaps_a_module_class_for_an_fsdp_subclass_that_keeps_the_na
     assert _compat.module_class_names(nn.Linear) == ("Linear",)
 
 
+def test_hugging_face_layers_keep_their_checkpoint_function_where_lit_partial_replaces_it() -> None:
+    transformers = pytest.importorskip("transformers")
+    from lit_partial._compat import HF_CHECKPOINT_FUNC_ATTR, hf_checkpoint_layers
+
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    assert hf_checkpoint_layers(model) == []
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    layers = dict(hf_checkpoint_layers(model))
+    assert {"model.layers.0", "model.layers.1"} <= set(layers), (
+        f"transformers {transformers.__version__}: layers no longer keep `{HF_CHECKPOINT_FUNC_ATTR}`; update "
+        "lit_partial/_compat.py"
+    )
+    assert all(callable(m.__dict__[HF_CHECKPOINT_FUNC_ATTR]) for m in layers.values())
+
+
 def test_foreach_add_adds_in_place() -> None:
     assert hasattr(torch, "_foreach_add_"), upgrade("torch._foreach_add_")
     a, b = [torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.zeros(3)]

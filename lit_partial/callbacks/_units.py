@@ -15,7 +15,11 @@ What the three have in common and none should write again (DESIGN §4.12):
   gradients breaks its next step. Units are kept out of DDP from the start (like ``LayerFreezing`` does for
   parameters it freezes later), broadcast from rank 0 at fit start, and the gradients of the units training now are
   averaged by us in ONE coalesced all-reduce per optimizer step, so ranks stay bit-identical without
-  ``find_unused_parameters``.
+  ``find_unused_parameters``. When nothing outside the units trains (BAdam beside ``LayerFreezing`` of the rest),
+  DDP would have nothing to wrap: the units stay in DDP with ``find_unused_parameters=True`` instead (DDP leaves the
+  ``.grad`` of parameters no rank used as None, so frozen units do not move).
+* **FSDP2.** ``fully_shard`` replaces the parameters after ``setup``: units are resolved again by name in
+  ``on_fit_start``. Every rank switches the same units at the same step, so all issue the same collectives.
 * **Teardown.** Every unit parameter gets back the ``requires_grad`` it had before the first switch.
 """
 
@@ -35,11 +39,18 @@ from lit_partial._compat import ddp_ignored_names, set_ddp_ignored_names
 from lit_partial._plain import to_plain
 from lit_partial.attach import Handle
 from lit_partial.callbacks.base import Technique
-from lit_partial.distributed import all_reduce_gradients, broadcast_parameters, strategy_family, world_size
+from lit_partial.distributed import (
+    all_reduce_gradients,
+    allow_unused_parameters,
+    broadcast_parameters,
+    is_sharded,
+    strategy_family,
+    world_size,
+)
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.freezing import set_requires_grad
 from lit_partial.functional.layer_sampling import drop_optimizer_state
-from lit_partial.selection import Selectors, as_selector_list, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, select_modules
 
 __all__ = ["PeriodicUnitTechnique", "UnitTechnique", "check_bool", "check_int"]
 
@@ -64,7 +75,7 @@ class UnitTechnique(Technique):
     Subclasses call :meth:`switch` from their step hooks and may override :meth:`check_units`.
     """
 
-    supported_strategies: ClassVar[tuple[str, ...]] = ("single", "ddp")
+    supported_strategies: ClassVar[tuple[str, ...]] = ("single", "ddp", "fsdp2")
     #: The constructor argument holding the unit selectors, for messages.
     units_argument: ClassVar[str] = "layers"
 
@@ -79,6 +90,7 @@ class UnitTechnique(Technique):
         self._before: list[list[bool]] = []  # each unit parameter's requires_grad before the first switch
         self._reduce: list[nn.Parameter] = []  # trainable unit parameters whose gradients we average under DDP
         self._ddp = False
+        self._ddp_reduces = False  # the units stayed in DDP (nothing else trains): DDP reduces their gradients
 
     # ---------------------------------------------------------------- setup
     def check_units(self, model: nn.Module) -> None:
@@ -129,28 +141,32 @@ class UnitTechnique(Technique):
         self._exclude_from_ddp(trainer, pl_module)
 
     def _exclude_from_ddp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ddp_reduces = False
         if strategy_family(trainer) != "ddp":
             return
         existing = ddp_ignored_names(pl_module)
         ours = [n for params in self.unit_params for n, _ in params]
         ignored = set(existing) | set(ours)
         if not any(p.requires_grad for n, p in pl_module.named_parameters() if n not in ignored):
-            raise ConfigurationError(
-                f"{type(self).__name__} under DDP: every trainable parameter of {type(pl_module).__name__} is in a "
-                "unit, so DDP would wrap a model with nothing to reduce. Fix: keep something outside the units "
-                "trainable (embeddings or the head), or train on one device."
-            )
+            # Only units train (e.g. BAdam with embeddings and head frozen): DDP needs parameters to wrap, so the
+            # units stay in DDP, which then finds the frozen ones unused each step and leaves their .grad None.
+            allow_unused_parameters(trainer, type(self).__name__, "only the units train, and only some at a time")
+            self._ddp_reduces = True
+            return
         set_ddp_ignored_names(pl_module, existing + [n for n in ours if n not in set(existing)])
         self.handles.add(Handle(lambda: set_ddp_ignored_names(pl_module, existing)))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._ddp = strategy_family(trainer) == "ddp" and world_size() > 1
+        if is_sharded(trainer):  # fully_shard replaced the parameters by DTensor ones: the same names, new objects
+            params = dict(pl_module.named_parameters())
+            self.unit_params = [[(name, params[name]) for name, _ in unit] for unit in self.unit_params]
+        self._ddp = strategy_family(trainer) == "ddp" and world_size() > 1 and not self._ddp_reduces
         if self._ddp:  # DDP broadcasts only what it registered; the units start identical too
             broadcast_parameters([p for params in self.unit_params for _, p in params])
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._trainer, self._reduce, self._ddp = None, [], False
 
     # ---------------------------------------------------------------- switching

@@ -17,9 +17,19 @@ from lit_partial.callbacks._rule_spec import Rule, apply_decision, parse_rules
 from lit_partial.conditions import StepContext
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
+from lit_partial.functional.selective_checkpoint import Policy, resolve_policy
 from lit_partial.selectors import Selectors, as_selector_list, preview, select_modules
 
 __all__ = ["ActivationDetach"]
+
+
+def _describe_policy(policy: Policy) -> Any:
+    """A policy as plain data for the saved configuration: the preset, the op names, or the function's name."""
+    if isinstance(policy, str):
+        return policy
+    if callable(policy) and not isinstance(policy, (list, tuple)):
+        return f"function:{getattr(policy, '__qualname__', type(policy).__name__)}"
+    return [str(op) for op in resolve_policy(policy)]  # type: ignore[union-attr]  # a list here
 
 
 class ActivationDetach(ConditionalTechnique):
@@ -50,6 +60,11 @@ class ActivationDetach(ConditionalTechnique):
         offload: Module selectors whose saved tensors go to host memory (GPU only).
         segments: With ``checkpoint`` naming an ``nn.Sequential``: checkpoint it as this many consecutive
             pieces, or ``"sqrt"`` for round(sqrt(len)); ``None`` checkpoints each selected module whole.
+        policy: Selective checkpointing of the ``checkpoint`` modules: the ops whose outputs are saved, the rest
+            recomputed - ``"matmul"`` (matrix products and fused attention), a list of op names
+            (``["aten.mm", "aten.addmm"]``) or a policy function (see
+            :mod:`lit_partial.functional.selective_checkpoint`); ``None``: save only the inputs. Checkpointed modules
+            whose parameters and inputs need no gradient (frozen, below everything that trains) run plainly.
         accept_config_change: Resume from a checkpoint made with another configuration (see
             :class:`~lit_partial.callbacks.base.Technique`).
 
@@ -76,6 +91,7 @@ class ActivationDetach(ConditionalTechnique):
         offload: Selectors | None = None,
         segments: int | str | None = None,
         *,
+        policy: Policy | None = None,
         accept_config_change: bool = False,
     ) -> None:
         at, checkpoint, offload = to_plain(at), to_plain(checkpoint), to_plain(offload)
@@ -90,6 +106,13 @@ class ActivationDetach(ConditionalTechnique):
             raise ConfigurationError(
                 f"`segments={segments!r}` applies to `checkpoint`, which is not set; set both or neither."
             )
+        if policy is not None and checkpoint is None:
+            raise ConfigurationError(
+                f"`policy={policy!r}` chooses what `checkpoint` saves, which is not set; e.g. "
+                "ActivationDetach(checkpoint='model.layers.*', policy='matmul')."
+            )
+        if policy is not None:
+            resolve_policy(policy)  # fails here, naming the bad entry, rather than at the first step
         if isinstance(at, Mapping) and not at:
             raise ConfigurationError("`at` is an empty dict; name at least one module, e.g. {'backbone.0': 'always'}.")
         if at is not None and not isinstance(at, Mapping):
@@ -100,6 +123,7 @@ class ActivationDetach(ConditionalTechnique):
         self.checkpoint = as_selector_list(checkpoint, argument="checkpoint") if checkpoint is not None else []
         self.offload = as_selector_list(offload, argument="offload") if offload is not None else []
         self.segments = segments
+        self.policy = policy
         self._active = False  # True only inside training steps (a bool: a compiled forward guards it by value)
         self._detached: dict[str, Rule] = {}  # module name -> its rule, set in setup
 
@@ -110,6 +134,7 @@ class ActivationDetach(ConditionalTechnique):
             "checkpoint": self.checkpoint,
             "offload": self.offload,
             "segments": self.segments,
+            **({"policy": _describe_policy(self.policy)} if self.policy is not None else {}),
         }
 
     @override
@@ -145,7 +170,9 @@ class ActivationDetach(ConditionalTechnique):
         offloaded = [name for name, _ in select_modules(pl_module, self.offload)] if self.offload else []
         if checkpointed:
             self.handles.add(
-                checkpoint_modules(pl_module, checkpointed, segments=self.segments, enabled=self._is_active)
+                checkpoint_modules(
+                    pl_module, checkpointed, segments=self.segments, enabled=self._is_active, policy=self.policy
+                )
             )
         if offloaded:
             if trainer.strategy.root_device.type != "cuda":

@@ -29,14 +29,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
 from lit_partial._compat import foreach_add_
 from lit_partial.callbacks._units import UnitTechnique, check_int
+from lit_partial.distributed import is_dtensor, local_tensor
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.adaptive_freezing import freeze_start
-from lit_partial.selection import Selectors
+from lit_partial.selectors import Selectors
 
 __all__ = ["AdaptiveFreezing"]
 
@@ -126,7 +128,7 @@ class AdaptiveFreezing(UnitTechnique):
     def _evaluate(self, step: int) -> None:
         self._evaluated_at = step
         names = [name for name, _ in self._sums.items()]
-        norms = torch.stack([torch.linalg.vector_norm(self._sums[n], 1) for n in names]).tolist() if names else []
+        norms = self._l1_norms([self._sums[n] for n in names]) if names else []
         by_name = dict(zip(names, norms, strict=True))
         current = [sum(by_name.get(name, 0.0) for name, _ in params) for params in self.unit_params]
         for s in self._sums.values():
@@ -139,6 +141,15 @@ class AdaptiveFreezing(UnitTechnique):
                 self.history.append((step, start))
                 self.report(f"at step {step}: froze {frozen}; training from {self.unit_names[start]}")
         self.previous = current
+
+    @staticmethod
+    def _l1_norms(sums: list[Tensor]) -> list[float]:
+        """L1 norms of ``sums`` as floats: one host sync; under FSDP2 the shards' norms add up in ONE all-reduce."""
+        sharded = any(is_dtensor(s) for s in sums)
+        norms = torch.stack([torch.linalg.vector_norm(local_tensor(s), 1) for s in sums])
+        if sharded:
+            dist.all_reduce(norms, op=dist.ReduceOp.SUM)  # every rank holds its shard's part of each norm
+        return [float(v) for v in norms.tolist()]
 
     # ---------------------------------------------------------------- resume and report
     @override

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lit_partial.callbacks._units import PeriodicUnitTechnique, check_int
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.layer_sampling import ORDERS, active_block
-from lit_partial.selection import Selectors
+from lit_partial.selectors import Selectors
 
 __all__ = ["BAdam"]
 

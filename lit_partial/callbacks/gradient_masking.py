@@ -4,13 +4,12 @@ The tensor work lives in :mod:`lit_partial.functional.masking` (kernels) and
 :mod:`lit_partial.functional.mask_builders` (specs -> masks); this callback resolves selectors, decides
 when masks are applied and rebuilt, keeps them for resume, and logs.
 
-Timing (Lightning 2.x): on one process, each static mask is applied by a post-accumulate-grad hook the moment
-autograd has accumulated the gradient, while it is still in cache
-(:func:`~lit_partial.functional.backward_masking.mask_gradients_in_backward`); ``on_before_optimizer_step``
-(once per optimizer step, after AMP unscaling and DDP's all-reduce, before gradient clipping, so clipping sees
-the masked norm) then masks only the gradients that hook did not leave as they are: every gradient under DDP,
-FSDP2 or an fp16 ``GradScaler`` (each writes the gradients after the backward), ``where`` masks, and any gradient
-assigned or written in place since. With ``strict=True``
+Timing (Lightning 2.x): gradients are masked in ``on_before_optimizer_step``, which runs once per
+optimizer step (not per micro-batch under ``accumulate_grad_batches``), after AMP unscaling and after
+DDP's all-reduce, and before gradient clipping, so clipping sees the masked norm. With
+``mask_in_backward=True`` (one process), static masks are applied by post-accumulate-grad hooks instead
+(:func:`~lit_partial.functional.backward_masking.mask_gradients_in_backward`), and the step masks only the
+gradients written since (an fp16 ``GradScaler``'s unscale, a user's hook). With ``strict=True``
 the real torch optimizers in ``trainer.optimizers`` get step pre/post hooks that keep masked elements
 bit-identical (:func:`~lit_partial.functional.masking.guard_masked_elements`); they are removed in
 ``teardown``.
@@ -82,7 +81,7 @@ from lit_partial.functional.masking import (
     kernel_mask,
     mask_gradients,
 )
-from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
+from lit_partial.selectors import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
 from lit_partial.summary import record_masked
 
 __all__ = ["GradientMasking", "MaskError"]
@@ -100,8 +99,8 @@ class _Masked:
     fresh: bool = False  # dynamic mask already rebuilt for the coming optimizer step
     optimizers: list[int] = field(default_factory=list)
     frozen: int = 0  # masked elements (over all ranks), counted when the mask is built, loaded or logged
-    kernel: Tensor | None = None  # the mask in kernel_mask's form (local shard), for the mask object in `made_from`
-    made_from: Tensor | None = None
+    wide: Tensor | None = None  # strict on CPU: the mask as an int as wide as the parameter, made from `wide_of`
+    wide_of: Tensor | None = None
 
 
 class GradientMasking(Technique):
@@ -118,15 +117,16 @@ class GradientMasking(Technique):
         strict: If True (default), masked elements are bit-identical after every ``optimizer.step()`` for
             every ``torch.optim`` optimizer (momentum, Adam moments and weight decay included): the optimizer's
             step hooks keep and restore them, at the cost of one snapshot buffer per masked parameter (its
-            size, like one more optimizer moment; freed in ``teardown``) and two passes over it per step.
+            size, like one more optimizer moment; freed in ``teardown``; on CPU also the mask as int32, which
+            the kernels read faster than the bool) and one restore pass per step (static masks).
             If False, only gradients are masked: cheapest, and exact only for plain SGD (no momentum, no
             weight decay); other optimizers let masked elements drift.
         log_fraction: Log ``masked_fraction/<selector>`` (fraction of frozen elements) at the logging cadence.
-        mask_in_backward: Mask static masks' gradients in a post-accumulate-grad hook, while each gradient is
-            still in cache, instead of in a separate pass at the step (single process only; gradients written
-            after the backward are masked again at the step). Set False if your code writes gradients through
-            ``param.grad.data`` between the backward and the step (that bypasses the version counter the step
-            relies on to tell a gradient was changed).
+        mask_in_backward: Mask static masks' gradients in a post-accumulate-grad hook as autograd finishes each
+            one, while it is still in cache, instead of in one pass at the step (single process only; gradients
+            written after the backward are masked again at the step, told by their version counter, which writes
+            through ``param.grad.data`` bypass). Off by default: on the benchmark CPU it made the step slower, not
+            faster (the pass evicts the rest of the backward's working set); measure it on your hardware.
         reuse_snapshots: Strict mode only: skip re-reading a masked parameter that was not written in place
             since the last step (version counter unchanged); halves the strict cost for static masks. Set
             False if your code writes masked elements through ``param.data`` between steps (that bypasses
@@ -167,7 +167,7 @@ class GradientMasking(Technique):
         strict: bool = True,
         log_fraction: bool = True,
         reuse_snapshots: bool = True,
-        mask_in_backward: bool = True,
+        mask_in_backward: bool = False,
         *,
         accept_config_change: bool = False,
     ) -> None:
@@ -281,7 +281,7 @@ class GradientMasking(Technique):
             # and FSDP2's reduce-scatter write after it: there the step-time pass does the work.)
             hot = [e for e in self._entries if e.dynamic is None and e.param.requires_grad and not is_dtensor(e.param)]
             if hot:
-                self._backward = mask_gradients_in_backward([(e.param, self._kernel_of(e)) for e in hot])
+                self._backward = mask_gradients_in_backward([(e.param, self._mask_of(e)) for e in hot])
                 self.handles.add(self._backward)
         for index, optimizer in enumerate(trainer.optimizers):
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -323,13 +323,27 @@ class GradientMasking(Technique):
     def _pairs_provider(self, entries: list[_Masked]) -> Callable[[], list[tuple[Tensor, Tensor]]]:
         def pairs() -> list[tuple[Tensor, Tensor]]:
             self._refresh(entries)
-            return [(e.param, _kernel(e)) for e in entries if e.param.requires_grad]
+            return [(e.param, self._kernel(e)) for e in entries if e.param.requires_grad]
 
         return pairs
 
-    @staticmethod
-    def _kernel_of(e: _Masked) -> Callable[[], Tensor | None]:
-        return lambda: _kernel(e)
+    def _kernel(self, e: _Masked) -> Tensor:
+        """The mask as the kernels read it: strict on CPU, a static mask as wide as its parameter, else the bool.
+
+        On CPU the restore and the gradient select multiply int32 views by the mask; an int32 mask vectorizes where
+        an int8 one converts per element, and strict steps measured 0.6-3.5 points faster with it (benchmarks
+        masking: the 'int8 masks' rows), at 4 bytes per masked element beside the strict snapshot's 4. Gradients-only
+        runs keep the 1-byte bool (no gain measured there); a ``where`` mask changes every step (so stays bool).
+        """
+        mask: Tensor = e.mask  # type: ignore[assignment]  # built in setup
+        if not self.strict or e.dynamic is not None or local_tensor(e.param).device.type != "cpu":
+            return mask
+        if e.wide_of is not mask:
+            e.wide, e.wide_of = kernel_mask(mask, e.param, wide=True), mask
+        return e.wide  # type: ignore[return-value]  # just set
+
+    def _mask_of(self, e: _Masked) -> Callable[[], Tensor | None]:
+        return lambda: self._kernel(e)
 
     @staticmethod
     def _stale_marker(entries: list[_Masked]) -> Callable[..., None]:
@@ -359,7 +373,7 @@ class GradientMasking(Technique):
         backward = self._backward
         # Gradients a backward hook masked and nothing wrote since need no second pass.
         cold = [e for e in entries if backward is None or not backward.settled(e.param)]
-        mask_gradients([e.param for e in cold], [_kernel(e) for e in cold])
+        mask_gradients([e.param for e in cold], [self._kernel(e) for e in cold])
         _recheck_scaler(trainer, raw)
         every = max(trainer.log_every_n_steps, 1)  # type: ignore[attr-defined]  # set by Lightning's connector
         if self.log_fraction and trainer.loggers and trainer.global_step % every == 0:
@@ -383,9 +397,10 @@ class GradientMasking(Technique):
             self._record_counts(pl_module)
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         for e in self._entries:
             e.optimizers.clear()
+        self._backward = None  # its hooks went with self.handles
 
     @override
     def technique_state(self) -> dict[str, Any]:
@@ -412,19 +427,6 @@ class GradientMasking(Technique):
                 e.frozen = count_masked(e.param, mask)
                 # Every rank loaded the same checkpoint: each takes its own shard, without communication.
                 e.mask = shard_like(mask, e.param, src_data_rank=None)
-
-
-def _kernel(e: _Masked) -> Tensor:
-    """``e``'s mask in :func:`~lit_partial.functional.masking.kernel_mask`'s form, made once per mask object.
-
-    A ``where`` mask is rebuilt every step, so it is used as the bool it is (converting it would be one more pass).
-    """
-    mask: Tensor = e.mask  # type: ignore[assignment]  # built in setup
-    if e.dynamic is not None:
-        return mask
-    if e.made_from is not mask:
-        e.kernel, e.made_from = kernel_mask(mask, e.param), mask
-    return e.kernel  # type: ignore[return-value]  # just set
 
 
 def _recheck_scaler(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:

@@ -66,6 +66,7 @@ from lit_partial.functional.freezing import (
     set_requires_grad,
     trainable_parameter_count,
 )
+from lit_partial.functional.frozen_checkpointing import frozen_aware_checkpointing
 from lit_partial.selectors import Selectors, as_selector_list, describe_ties, select_parameters, select_submodules
 
 __all__ = ["LayerFreezing"]
@@ -296,6 +297,7 @@ class LayerFreezing(Technique):
         later = [n for e in self.schedule if e.freeze for n, _ in self._params(pl_module, e.freeze)]
         self._sync.exclude(trainer, pl_module, later, self.handles)
         self._report(trainer, pl_module, "start", f"froze {', '.join(self.frozen)}" if self.frozen else "")
+        self.handles.add(frozen_aware_checkpointing(pl_module))  # HF checkpointing skips what is frozen (#23)
 
     @override
     def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:

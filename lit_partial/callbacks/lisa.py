@@ -32,7 +32,7 @@ from typing_extensions import override
 from lit_partial.callbacks._units import PeriodicUnitTechnique, check_int
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.layer_sampling import sample_layers
-from lit_partial.selection import Selectors
+from lit_partial.selectors import Selectors
 
 __all__ = ["LISA"]
 

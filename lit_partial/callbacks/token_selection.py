@@ -36,7 +36,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_partial.attach import Handle, register_gate
 from lit_partial.callbacks.base import Technique
 from lit_partial.distributed import world_size
 from lit_partial.errors import ConfigurationError, UsageError
@@ -48,6 +47,7 @@ from lit_partial.functional.token_selection import (
     token_losses,
     token_scores,
 )
+from lit_partial.handles import Handle, register_gate
 from lit_partial.module import TOKEN_LOSS_GATE, PartialBackpropMixin
 
 __all__ = ["TokenSelection"]
@@ -273,7 +273,7 @@ class TokenSelection(Technique):
             )
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._active = False
 
     @override

@@ -185,7 +185,8 @@ class ByteLM(PartialBackpropMixin, L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._token_losses(batch).mean()
+        losses = self._token_losses(batch)  # every target byte counts; TokenSelection (if attached) keeps the top ones
+        loss = self.token_loss(losses, torch.ones_like(losses, dtype=torch.bool), batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -13,6 +13,7 @@ from lit_partial.functional.activation_cuts import (
     offload_modules,
 )
 from lit_partial.functional.activations import SavedTensorTracker, saved_activation_bytes
+from lit_partial.functional.adaptive_freezing import freeze_start, gradient_change
 from lit_partial.functional.drop_backward import (
     allocate_drop_rates,
     draw_drop_set,
@@ -26,7 +27,14 @@ from lit_partial.functional.freezing import (
     trainable_parameter_count,
     unfreeze,
 )
+from lit_partial.functional.frozen_checkpointing import frozen_aware_checkpointing
 from lit_partial.functional.gradients import detach_if, reverse_grad, scale_grad, skip_rows, straight_through
+from lit_partial.functional.layer_sampling import (
+    active_block,
+    drop_optimizer_state,
+    optimizer_state_bytes,
+    sample_layers,
+)
 from lit_partial.functional.mask_builders import (
     MaskError,
     build_index_mask,
@@ -59,6 +67,8 @@ from lit_partial.functional.selection_sampling import (
     take_pooled,
     update_history,
 )
+from lit_partial.functional.selective_checkpoint import live_forward_bytes, resolve_policy, selective_context_fn
+from lit_partial.functional.spectrum import spectrum_frozen, spectrum_snr, spectrum_trainable
 from lit_partial.functional.token_selection import (
     masked_token_mean,
     num_kept_tokens,
@@ -73,6 +83,7 @@ __all__ = [
     "SavedTensorTracker",
     "UnsafeCheckpointError",
     "UnsupportedBatchError",
+    "active_block",
     "batch_size_of",
     "build_index_mask",
     "build_magnitude_mask",
@@ -85,17 +96,22 @@ __all__ = [
     "count_masked",
     "detach_if",
     "detach_outputs",
+    "drop_optimizer_state",
     "floor_second_moments",
     "freeze",
+    "freeze_start",
     "frozen_parameter_names",
+    "gradient_change",
     "guard_masked_elements",
     "hold_norm_statistics",
     "mask_gradients",
     "num_kept",
     "offload_modules",
+    "optimizer_state_bytes",
     "probability_beta",
     "restore_masked",
     "reverse_grad",
+    "sample_layers",
     "saved_activation_bytes",
     "scale_grad",
     "select_outliers",
@@ -105,6 +121,9 @@ __all__ = [
     "skip_rows",
     "slice_batch",
     "snapshot_masked",
+    "spectrum_frozen",
+    "spectrum_snr",
+    "spectrum_trainable",
     "straight_through",
     "take_pooled",
     "trainable_parameter_count",
@@ -114,3 +133,4 @@ __all__ = [
 
 __all__ += ["masked_token_mean", "num_kept_tokens", "select_tokens", "token_losses", "token_scores"]
 __all__ += ["allocate_drop_rates", "draw_drop_set", "drop_branch_outputs", "weighted_drop_rate"]
+__all__ += ["frozen_aware_checkpointing", "live_forward_bytes", "resolve_policy", "selective_context_fn"]

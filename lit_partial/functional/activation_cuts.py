@@ -28,17 +28,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_partial._compat import version_counter
 from lit_partial.errors import ConfigurationError, UnsafeCheckpointError
 from lit_partial.functional.freezing import norm_layers
+from lit_partial.functional.selective_checkpoint import Policy, selective_context_fn
 from lit_partial.handles import Handles, wrap_forward
 from lit_partial.selectors import Selectors, outermost, select_modules
 from lit_partial.tree import detach, leaves
@@ -48,11 +50,13 @@ __all__ = [
     "UnsafeCheckpointError",
     "checkpoint_modules",
     "detach_outputs",
+    "needs_no_grad",
     "offload_modules",
     "resolve_segments",
 ]
 
 When = Callable[[str, Any], bool]
+ContextFn = Callable[[], tuple[Any, Any]]
 Segments = int | str | None
 
 
@@ -129,8 +133,41 @@ def _recomputable(fn: Callable[..., Any], module: nn.Module, name: str, norms: l
     return run
 
 
-def _checkpointed(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(run: Callable[..., Any], *args: Any, context_fn: ContextFn | None = None, **kwargs: Any) -> Any:
+    if context_fn is not None:  # selective checkpointing: the policy's ops are saved, the rest recomputed
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+#: Keyword arguments through which Hugging Face layers write a KV cache; a checkpointed call gets them as None (and
+#: ``use_cache=False``), as transformers' own gradient checkpointing does: the recomputation would write it again.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not any(kwargs.get(key) is not None for key in CACHE_KWARGS) and not kwargs.get("use_cache"):
+        return kwargs
+    out = {key: (None if key in CACHE_KWARGS else value) for key, value in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def needs_no_grad(params: Sequence[Tensor], args: Any, kwargs: Any) -> bool:
+    """Whether a call builds no graph: none of the module's ``params`` and no input tensor requires grad.
+
+    Such a call has nothing to recompute for, so checkpointing runs it plainly (the rule that makes freezing and
+    checkpointing compose: transformers #21381/#42489, LLaMA-Factory's and BAdam's checkpointing patches). It
+    stops at the first parameter that trains, so a trainable module costs one flag read.
+
+    Example:
+        >>> layer = nn.Linear(2, 2).requires_grad_(False)
+        >>> needs_no_grad(list(layer.parameters()), (torch.randn(1, 2),), {})
+        True
+    """
+    if any(p.requires_grad for p in params):
+        return False
+    return not any(t.requires_grad for t in leaves((args, kwargs)))
 
 
 def checkpoint_modules(
@@ -139,11 +176,16 @@ def checkpoint_modules(
     *,
     segments: Segments = None,
     enabled: Callable[[], bool] | None = None,
+    policy: Policy | None = None,
+    skip_frozen: bool = True,
 ) -> Handles:
     """Recompute the selected modules in backward instead of keeping their activations.
 
     Nested selections collapse to the outermost module. Recomputation happens only while grad is enabled
-    and ``enabled()`` holds, so evaluation under ``no_grad`` runs the plain forward.
+    and ``enabled()`` holds, so evaluation under ``no_grad`` runs the plain forward. A call in which neither the
+    module's parameters nor its inputs require grad runs plainly too (nothing to recompute for; ``skip_frozen``).
+    Checkpointed calls get ``use_cache=False`` and no KV cache (:data:`CACHE_KWARGS`), as under transformers' own
+    gradient checkpointing: recomputing a layer must not write its cache a second time.
 
     Args:
         model: The model holding the modules.
@@ -151,6 +193,10 @@ def checkpoint_modules(
         segments: For a selected ``nn.Sequential``: checkpoint it as this many consecutive pieces (each keeps
             only its input), or ``"sqrt"`` for round(sqrt(len)); ``None`` checkpoints each module whole.
         enabled: Optional switch asked at every call (the callback turns it on for training steps only).
+        policy: Selective checkpointing: the ops whose outputs are saved (see
+            :mod:`lit_partial.functional.selective_checkpoint`: ``"matmul"``, op names, or a policy function);
+            ``None`` saves nothing but the inputs.
+        skip_frozen: Run calls that need no gradient plainly (each call checks the module's parameters' flags).
 
     Raises:
         ValueError: If ``segments`` is given and a selected module is not an ``nn.Sequential``.
@@ -165,37 +211,49 @@ def checkpoint_modules(
                 f"nn.Sequential: {', '.join(not_sequential)}. Fix: select the Sequential itself (e.g. 'blocks'), or "
                 "drop `segments`."
             )
+    context_fn = selective_context_fn(policy) if policy is not None else None
     handles = Handles()
     for name, module in chosen:
         pieces = resolve_segments(segments, len(module)) if isinstance(module, nn.Sequential) else 0
-        handles.add(wrap_forward(module, _checkpoint_wrapper(module, name, pieces, enabled)))
+        wrapper = _checkpoint_wrapper(module, name, pieces, enabled, context_fn, skip_frozen)
+        handles.add(wrap_forward(module, wrapper))
     return handles
 
 
 def _checkpoint_wrapper(
-    module: nn.Module, name: str, pieces: int, enabled: Callable[[], bool] | None
+    module: nn.Module,
+    name: str,
+    pieces: int,
+    enabled: Callable[[], bool] | None,
+    context_fn: ContextFn | None = None,
+    skip_frozen: bool = False,
 ) -> Callable[..., Any]:
     pieces_of = _split(module, pieces) if pieces and isinstance(module, nn.Sequential) else []
     split = [(piece, f"{name}[{span}]", norm_layers(piece)) for piece, span in pieces_of]
     norms = norm_layers(module)  # BatchNorm layers are found once; whether they are in train mode is asked per call
+    params = list(module.parameters())  # found once; whether they train is asked per call (schedules change it)
+    run_checkpoint = functools.partial(_checkpointed, context_fn=context_fn) if context_fn else _checkpointed
 
     def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled() or (enabled is not None and not enabled()):
             return forward(*args, **kwargs)
+        if skip_frozen and needs_no_grad(params, args, kwargs):
+            return forward(*args, **kwargs)
+        kwargs = _without_cache(kwargs)
         if torch.compiler.is_compiling():
             # Dynamo traces a checkpointed function once, as a higher-order op, and the recomputation replays that
             # graph (buffers are updated once); the eager-only checks of _recomputable are neither traceable nor needed.
             if not split:
-                return _checkpointed(forward, *args, **kwargs)
+                return run_checkpoint(forward, *args, **kwargs)
             (x,) = args
             for piece, _, _ in split:
-                x = _checkpointed(piece, x)
+                x = run_checkpoint(piece, x)
             return x
         if not split:
-            return _checkpointed(_recomputable(forward, module, name, norms), *args, **kwargs)
+            return run_checkpoint(_recomputable(forward, module, name, norms), *args, **kwargs)
         (x,) = args  # nn.Sequential.forward takes exactly one input
         for piece, piece_name, piece_norms in split:
-            x = _checkpointed(_recomputable(piece, piece, piece_name, piece_norms), x)
+            x = run_checkpoint(_recomputable(piece, piece, piece_name, piece_norms), x)
         return x
 
     return wrapper

@@ -39,7 +39,7 @@ from lit_partial._compat import version_counter
 from lit_partial.attach import Handle, Handles
 from lit_partial.distributed import is_dtensor
 from lit_partial.errors import UsageError
-from lit_partial.functional.masking import _bits, _fit, kernel_mask
+from lit_partial.functional.masking import _as_01, _bits, _fit, kernel_mask
 
 __all__ = ["BackwardMasks", "mask_gradients_in_backward"]
 
@@ -73,7 +73,7 @@ class BackwardMasks:
                 return  # left to the step-time pass (which also names what is wrong with a sparse gradient)
             with torch.no_grad():
                 bits = _bits(grad)
-                torch.mul(bits, _fit(keep, bits), out=bits)
+                torch.mul(bits, _fit(_as_01(keep), bits), out=bits)
             stamps[id(param)] = (weakref.ref(grad), version_counter(grad))
             self.passes += 1
 
@@ -85,8 +85,8 @@ def mask_gradients_in_backward(pairs: Iterable[tuple[Tensor, MaskOf]]) -> Backwa
 
     Args:
         pairs: ``(param, mask)``: the mask as a tensor (bool or 0/1; converted once with
-            :func:`~lit_partial.functional.masking.kernel_mask`), or a callable returning the current one in
-            ``kernel_mask``'s form (or None to skip), read at every hook call, so masks may be replaced.
+            :func:`~lit_partial.functional.masking.kernel_mask`), or a callable returning the current one (bool or
+            ``kernel_mask``'s forms; None skips), read at every hook call, so masks may be replaced.
             Parameters must be plain tensors that autograd accumulates into (not FSDP2's sharded ``DTensor`` s,
             whose gradients arrive by reduce-scatter).
 

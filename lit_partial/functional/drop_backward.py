@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from lit_partial.attach import Handles
 from lit_partial.errors import ConfigurationError
+from lit_partial.handles import Handles
 from lit_partial.tree import detach
 
 __all__ = ["allocate_drop_rates", "draw_drop_set", "drop_branch_outputs", "weighted_drop_rate"]

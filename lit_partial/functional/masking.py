@@ -100,25 +100,24 @@ def _fit(keep: Tensor, bits: Tensor) -> Tensor:
     return keep.to(bits.dtype) if keep.element_size() > bits.element_size() else keep
 
 
-def kernel_mask(mask: Tensor, like: Tensor) -> Tensor:
-    """``mask`` as 0/1 integers in the form the bit-select kernels run fastest on, on ``like``'s device.
+def kernel_mask(mask: Tensor, like: Tensor, wide: bool = False) -> Tensor:
+    """``mask`` as the 0/1 integers the bit-select kernels multiply by, on ``like``'s device (sharded: its shard).
 
-    On CPU that is an integer as wide as ``like``'s elements (``int32`` for ``float32``): a multiply of two equal
-    dtypes vectorizes, while ``int32 * int8`` converts element by element (measured, torch 2.13, one AVX-512
-    thread: 1.8x slower for the gradient select, 1.5x for the restore), at 4 bytes per element instead of 1.
-    Elsewhere (GPUs convert in registers, and bytes are what costs) it is the bool mask viewed as ``int8``,
-    sharing its storage. Structured masks keep their broadcast shape. A sharded mask gives its local shard.
-    Pass the result anywhere a mask goes; compute it once per mask, not per step (it is a pass over the mask).
+    By default ``int8``: a view of a bool mask (no copy), 1 byte per element. ``wide=True`` gives an integer as wide
+    as ``like``'s elements (``int32`` for ``float32``). On CPU that makes the kernels alone 1.1-1.7x faster (a
+    multiply of equal dtypes vectorizes, ``int32 * int8`` converts element by element) at 4x the mask bytes:
+    ``GradientMasking`` uses it for strict masking on CPU (faster steps measured), the bool elsewhere
+    (``python -m benchmarks --only masking``). Structured masks keep their broadcast shape.
 
     Example:
-        >>> kernel_mask(torch.tensor([True, False]), torch.zeros(2)).dtype
+        >>> kernel_mask(torch.tensor([True, False]), torch.zeros(2)).tolist()
+        [1, 0]
+        >>> kernel_mask(torch.tensor([True, False]), torch.zeros(2), wide=True).dtype
         torch.int32
     """
-    local, device = local_tensor(mask), local_tensor(like).device
-    keep = (local if local.dtype == torch.bool else local != 0).to(device)
-    if device.type == "cpu":
-        return keep.to(_SAME_WIDTH_INT[like.element_size()])
-    return keep.view(torch.int8)
+    local = local_tensor(mask)
+    keep = (local if local.dtype == torch.bool else local != 0).to(local_tensor(like).device)
+    return keep.to(_SAME_WIDTH_INT[like.element_size()]) if wide else keep.view(torch.int8)
 
 
 def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
@@ -129,8 +128,8 @@ def mask_gradients(params: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
 
     Args:
         params: Parameters whose ``.grad`` is masked.
-        masks: One mask per parameter, broadcasting to it: bool, 0/1 numbers, or (fastest, computed once)
-            :func:`kernel_mask`'s form. Integer masks must hold only 0 and 1; they are used as they are.
+        masks: One mask per parameter, broadcasting to it: bool (fastest), 0/1 numbers, or :func:`kernel_mask`'s
+            forms. Integer masks must hold only 0 and 1; they are used as they are.
 
     Raises:
         TypeError: If a gradient is sparse (e.g. ``nn.Embedding(sparse=True)``).
@@ -227,8 +226,8 @@ def guard_masked_elements(optimizer: Optimizer, masks: MaskPairs, reuse_snapshot
 
     Args:
         optimizer: A ``torch.optim.Optimizer`` (not a Lightning wrapper: pass ``trainer.optimizers[i]``).
-        masks: Called once per step, returns ``(param, mask)`` pairs: bool masks, or :func:`kernel_mask`'s form
-            (then the restore reads that tensor itself; a bool mask is converted once per mask object and kept).
+        masks: Called once per step, returns ``(param, mask)`` pairs: bool masks (read through an ``int8`` view,
+            no copy), or :func:`kernel_mask`'s forms (read as they are).
         reuse_snapshots: Skip re-reading a parameter whose mask is the same object as last step and which
             was not written in place since the last restore (PyTorch's version counter and storage pointer
             unchanged): its masked values are still in the buffer. This halves the strict cost for static

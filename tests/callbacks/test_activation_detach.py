@@ -114,12 +114,12 @@ def test_segments_need_a_sequential() -> None:
 
 def test_inplace_module_is_refused_by_name() -> None:
     class InPlace(FFNModule):
-        def forward(self, x: Tensor) -> Tensor:
-            return self.net(self.pre(x))
+        def forward(self, x: Tensor) -> Tensor:  # the input of `pre` needs a gradient, so `pre` is checkpointed
+            return self.net(self.pre(x * self.scale))
 
         def __init__(self) -> None:
             super().__init__()
-            self.pre = nn.ReLU(inplace=True)
+            self.pre, self.scale = nn.ReLU(inplace=True), nn.Parameter(torch.ones(()))
 
     with pytest.raises(UnsafeCheckpointError, match=r"'pre' \(ReLU\) modified its input in place"):
         _fit(InPlace(), [ActivationDetach(checkpoint="pre")])

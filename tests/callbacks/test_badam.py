@@ -116,12 +116,13 @@ def test_parameter_groups_keep_their_learning_rate_and_weight_decay() -> None:
     assert {g["weight_decay"] for g in ref.base_optimizer.param_groups} == {0.01}  # torch's default, biases too
 
 
-def test_resume_mid_period_is_bit_identical_where_the_reference_saves_no_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize("interval", [2, 3], ids=["mid_period", "period_boundary"])
+def test_resume_is_bit_identical_where_the_reference_saves_no_block(tmp_path: Path, interval: int) -> None:
     def run(max_epochs: int, ckpt: Path | None = None, model: nn.Module | None = None) -> Any:
         model = model or make(N)
-        callbacks = [LayerFreezing(frozen=OUTSIDE), BAdam("blocks.*", K, "descending")]
+        callbacks = [LayerFreezing(frozen=OUTSIDE), BAdam("blocks.*", interval, "descending")]
         trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks)
-        trainer.fit(model, loader(n=12), ckpt_path=ckpt)  # 3 steps per epoch: step 3 is inside a block period
+        trainer.fit(model, loader(n=12), ckpt_path=ckpt)  # 3 steps per epoch: the checkpoint follows step 3
         return trainer, model
 
     _, full = run(3)
@@ -131,7 +132,7 @@ def test_resume_mid_period_is_bit_identical_where_the_reference_saves_no_block(t
     assert_bitwise(resumed, full)
     state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["callbacks"]
     (badam_state,) = [v for k, v in state.items() if k.startswith("BAdam")]
-    assert badam_state["period"] == 1 and badam_state["active"] == ["blocks.2"]
+    assert badam_state["period"] == 2 // interval and badam_state["active"] == [f"blocks.{3 - 2 // interval}"]
 
 
 def test_random_order_visits_every_block_once_per_pass_and_leaves_the_global_rng_alone() -> None:

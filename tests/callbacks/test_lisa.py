@@ -95,18 +95,21 @@ def test_optimizer_state_stays_at_the_active_layers_unless_kept(reset: bool) -> 
         assert record.bytes[-1] == bound + (drawn - 1) * adam_bytes(model.blocks[0].parameters())
 
 
-def test_resume_mid_period_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("interval", "switches"), [(2, 5), (3, 3)], ids=["mid_period", "period_boundary"])
+def test_resume_is_bit_identical(tmp_path: Path, interval: int, switches: int) -> None:
     full = make(N)
-    quiet_trainer(max_epochs=3, callbacks=[LISA("blocks.*", 1, K, SEED)]).fit(full, loader(n=12))  # 3 steps/epoch
+    quiet_trainer(max_epochs=3, callbacks=[LISA("blocks.*", 1, interval, SEED)]).fit(
+        full, loader(n=12)
+    )  # 3 steps/epoch
     part = make(N)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[LISA("blocks.*", 1, K, SEED)])  # ends at step 3, inside period 1
+    trainer = quiet_trainer(max_epochs=1, callbacks=[LISA("blocks.*", 1, interval, SEED)])  # ends after step 3
     trainer.fit(part, loader(n=12))
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     resumed = make(N)
-    cb = LISA("blocks.*", 1, K, SEED)
+    cb = LISA("blocks.*", 1, interval, SEED)
     quiet_trainer(max_epochs=3, callbacks=[cb]).fit(resumed, loader(n=12), ckpt_path=tmp_path / "mid.ckpt")
     assert_bitwise(resumed, full)
-    assert cb.switches == 5  # periods 0..4 of steps 0..8, the first two before the checkpoint
+    assert cb.switches == switches  # periods over steps 0..8, counted across the checkpoint
 
 
 def test_teardown_gives_every_layer_back_its_requires_grad() -> None:
@@ -158,3 +161,10 @@ def test_bad_layers_selector_is_refused() -> None:
 def test_bad_layers_are_refused_at_setup(layers: Any, n_active: int, match: str) -> None:
     with pytest.raises((ConfigurationError, SelectorError), match=match):
         quiet_trainer(max_steps=1, callbacks=[LISA(layers, n_active, 1)]).fit(make(N), loader())
+
+
+def test_units_sharing_a_parameter_are_refused() -> None:
+    model = make(N)
+    model.blocks[1].fc1 = model.blocks[0].fc1  # tied
+    with pytest.raises(ConfigurationError, match=r"units 'blocks.0' and 'blocks.1' share a parameter"):
+        quiet_trainer(max_steps=1, callbacks=[LISA("blocks.*", 1, 1)]).fit(model, loader())

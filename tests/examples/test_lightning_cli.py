@@ -10,14 +10,19 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lit_partial import (
+    LISA,
     ActivationDetach,
     ActivationMemoryMonitor,
+    AdaptiveFreezing,
+    BAdam,
     ConditionalDetach,
     ConditionalSkip,
+    DropBackward,
     GradientMasking,
     LayerFreezing,
     SelectiveBackprop,
     StochasticDepth,
+    TokenSelection,
 )
 from lit_partial.app.config import CONF_DIR
 from lit_partial.callbacks.base import Technique
@@ -83,6 +88,17 @@ EXPECTED: dict[str, Callable[[], list[Callback]]] = {
         ActivationMemoryMonitor(every_n_steps=1),
     ],
     "selective_backprop": lambda: [SelectiveBackprop(keep=0.25, method="topk", start=0.1)],
+    "lisa": lambda: [LISA(layers="backbone.res.*", n_active=1, interval_steps=5, seed=0)],
+    "badam": lambda: [
+        LayerFreezing(frozen=["backbone.0", "backbone.1", "backbone.2", "head"]),
+        BAdam(blocks="backbone.res.*", switch_every=5, order="descending"),
+    ],
+    "adaptive_freezing": lambda: [AdaptiveFreezing(layers="backbone.res.*", every_n_steps=5, percentile=50)],
+    "token_selection": lambda: [TokenSelection(keep=0.6, score="loss", scope="rank")],
+    "drop_backward": lambda: [
+        DropBackward("model.model.layers.*.self_attn,model.model.layers.*.mlp", rate=0.5, allocation="uniform")
+    ],
+    "selective_checkpointing": lambda: [ActivationDetach(checkpoint="model.model.layers.*", policy="matmul")],
 }
 
 QUICK = [  # a short, quiet run

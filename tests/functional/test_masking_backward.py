@@ -74,10 +74,12 @@ def poisoned(shape: tuple[int, ...]) -> Tensor:
     return values.repeat(math.prod(shape) // 7 + 1)[: math.prod(shape)].view(shape)
 
 
-def test_kernel_mask_is_as_wide_as_the_parameter_on_cpu() -> None:
+def test_kernel_mask_is_an_int8_view_or_as_wide_as_the_parameter() -> None:
     keep = torch.tensor([[True], [False]])
+    narrow = kernel_mask(keep, torch.zeros(2, 3))
+    assert narrow.dtype == torch.int8 and narrow.untyped_storage().data_ptr() == keep.untyped_storage().data_ptr()
     for dtype, expected in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float64, torch.int64)):
-        k = kernel_mask(keep, torch.zeros(2, 3, dtype=dtype))
+        k = kernel_mask(keep, torch.zeros(2, 3, dtype=dtype), wide=True)
         assert k.dtype == expected and k.shape == (2, 1)  # broadcast shape kept
         assert k.tolist() == [[1], [0]]
     assert kernel_mask(torch.tensor([0.0, 1.0]), torch.zeros(2)).tolist() == [0, 1]  # 0/1 numbers
@@ -88,7 +90,7 @@ def test_kernel_masks_select_the_same_bits_as_bool_masks() -> None:
     a, b = nn.Parameter(torch.zeros(6, 7)), nn.Parameter(torch.zeros(6, 7))
     a.grad, b.grad = poisoned((6, 7)), poisoned((6, 7))
     mask_gradients([a], [keep])
-    mask_gradients([b], [kernel_mask(keep, b)])
+    mask_gradients([b], [kernel_mask(keep, b, wide=True)])
     assert torch.equal(bits(a.grad), bits(b.grad))
     expected = torch.where(keep, poisoned((6, 7)), torch.zeros(()))
     assert torch.equal(bits(a.grad), bits(expected))  # NaN/inf -> +0.0; kept -0.0 stays -0.0
@@ -97,18 +99,18 @@ def test_kernel_masks_select_the_same_bits_as_bool_masks() -> None:
     snap = snapshot_masked([p], [keep])
     p.fill_(7.0), q.fill_(7.0)
     restore_masked([p], [keep], snap)
-    restore_masked([q], [kernel_mask(keep, q)], snap)
+    restore_masked([q], [kernel_mask(keep, q, wide=True)], snap)
     assert torch.equal(bits(p), bits(q))
     assert torch.equal(bits(p), bits(torch.where(keep, torch.full((6, 7), 7.0), poisoned((6, 7)))))
 
 
-@pytest.mark.parametrize("form", ["bool", "kernel"])
+@pytest.mark.parametrize("form", ["bool", "wide"])
 def test_guard_with_kernel_masks_keeps_masked_bits_under_adamw(form: str) -> None:
     keep = torch.rand(5, 4, generator=torch.Generator().manual_seed(1)) < 0.5
     w = nn.Parameter(poisoned((5, 4)).nan_to_num(0.0) + 1.0)
     before = w.detach().clone()
     opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.5)
-    mask = keep if form == "bool" else kernel_mask(keep, w)
+    mask = keep if form == "bool" else kernel_mask(keep, w, wide=True)
     handle = guard_masked_elements(opt, lambda: [(w, mask)])
     for _ in range(3):
         w.grad = torch.ones(5, 4)
@@ -144,7 +146,7 @@ def test_backward_hooks_equal_step_time_masking_with_accumulation_and_nan() -> N
     mask_gradients([b[0].weight], [keeps[0]])
     assert masks.settled(a[0].weight) and masks.passes == 2
     assert counter.calls == {"mul": 2}  # one select per accumulation, nothing else
-    assert counter.bytes == 2 * 3 * 24 * 4  # grad read + mask read + grad written, int32, 24 elements
+    assert counter.bytes == 2 * 24 * (4 + 4 + 1)  # grad read and written (int32 view), bool mask read (int8 view)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(bits(pa.grad), bits(pb.grad))
 
