@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "DDP_IGNORE_ATTR",
@@ -216,3 +217,42 @@ def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor]) -> None:
 
 
 __all__ += ["foreach_add_"]
+
+
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode.mod_tracker``: every FLOP counts under ``"Global"`` only; no hooks."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def total_flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode(display=False)`` that counts the total only and holds no reference into the graph.
+
+    ``FlopCounterMode`` attributes FLOPs to modules with a ``ModuleTracker`` (its ``mod_tracker`` attribute,
+    undocumented) that registers a ``register_multi_grad_hook`` on every module's inputs and outputs; each hook's
+    closure holds the ``grad_fn`` s it waits for and lives until the mode exits. A graph cut off by a ``.detach()``
+    is then kept alive, with everything it saved, until the end of the measurement: the measured step holds the
+    activations an unmeasured one frees. Without the tracker the total (``get_total_flops``, the ``"Global"``
+    entry) is the same; only the per-module table is lost. No public option turns the tracking off.
+
+    Raises:
+        RuntimeError: If the installed torch's ``FlopCounterMode`` no longer has a ``mod_tracker`` (naming the
+            version), so the graph-keeping tracker is never silently left in place.
+    """
+    counter = FlopCounterMode(display=False)
+    if not hasattr(counter, "mod_tracker"):
+        raise RuntimeError(
+            f"torch {torch.__version__}: FlopCounterMode has no `mod_tracker`; lit_partial's FLOP counting that keeps "
+            "no graph alive needs updating for this torch version (lit_partial/_compat.py)."
+        )
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]  # duck-typed: parents, __enter__, __exit__
+    return counter
+
+
+__all__ += ["total_flop_counter"]

@@ -5,6 +5,7 @@ If one of these fails after an upgrade, update lit_partial/_compat.py (and only 
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,65 @@ def test_foreach_add_adds_in_place() -> None:
     a, b = [torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.zeros(3)]
     _compat.foreach_add_(a, b)
     assert a[0].tolist() == [3.0, 3.0] and a[1].tolist() == [1.0, 1.0, 1.0], upgrade("torch._foreach_add_")
+
+
+def _sentinel_below_a_detach(counter: Any) -> bool:
+    """Whether the graph below a ``.detach()`` still lives after a forward run under ``counter``."""
+
+    class Token:
+        pass
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, token: Token) -> torch.Tensor:
+            ctx.token = token
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return grad, None
+
+    class Low(nn.Module):  # its output (the sentinel's) is what a module tracker would hook
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return Keep.apply(x, tokens.pop())  # type: ignore[no-any-return]
+
+    tokens = [Token()]
+    ref = weakref.ref(tokens[0])
+    low, high = nn.Sequential(nn.Linear(3, 3), Low()), nn.Linear(3, 1)
+    with counter:
+        out = high(low(torch.randn(2, 3)).detach()).sum()
+        alive = ref() is not None
+        out.backward()
+    return alive
+
+
+def test_flop_counter_module_tracking_keeps_cut_graphs_and_total_flop_counter_does_not() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert hasattr(FlopCounterMode(display=False), "mod_tracker"), f"torch {torch.__version__} renamed mod_tracker"
+    # The reason for the accessor: torch's module tracking holds the grad_fns of every module's inputs and outputs.
+    assert _sentinel_below_a_detach(FlopCounterMode(display=False))
+    assert not _sentinel_below_a_detach(_compat.total_flop_counter())
+    # ... and the total stays the one FlopCounterMode counts, forward and backward.
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    counts = []
+    for counter in (FlopCounterMode(display=False), _compat.total_flop_counter()):
+        with counter:
+            model(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    # forward and both weight gradients: 3 x 2*3*(4*5 + 5*2); the input gradient of the second Linear only
+    assert counts[0] == counts[1] == 3 * 2 * 3 * (4 * 5 + 5 * 2) - 2 * 3 * 4 * 5
+
+
+def test_total_flop_counter_refuses_a_torch_without_mod_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import flop_counter
+
+    class Bare:
+        def __init__(self, display: bool) -> None:
+            pass
+
+    monkeypatch.setattr(_compat, "FlopCounterMode", Bare)
+    with pytest.raises(RuntimeError, match=r"FlopCounterMode has no `mod_tracker`"):
+        _compat.total_flop_counter()
+    assert flop_counter.FlopCounterMode is not Bare

@@ -166,7 +166,7 @@ class UnitTechnique(Technique):
             broadcast_parameters([p for params in self.unit_params for _, p in params])
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._trainer, self._reduce, self._ddp = None, [], False
 
     # ---------------------------------------------------------------- switching

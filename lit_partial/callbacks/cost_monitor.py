@@ -11,7 +11,8 @@ times the *other* batches (end of the previous batch to end of this one, so data
 scoring pass are included; the first batch of each epoch is left out), and reads the optimizer state after every
 measured step and at the end: the largest is reported, as techniques that switch what trains (LISA, BAdam,
 AdaptiveFreezing) grow and drop state during the run; the state at the end is ``final_optimizer_state_bytes``.
-It only observes: a measured step computes exactly what an unmeasured one does.
+It only observes: a measured step computes exactly what an unmeasured one does, and holds what it holds (FLOPs are
+counted without ``FlopCounterMode``'s module tracking, which would keep the graph below a ``.detach()`` alive).
 
 Example:
     >>> import lightning as L
@@ -42,6 +43,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
+from lit_partial._compat import total_flop_counter
 from lit_partial.errors import ConfigurationError, UnsupportedStructureError
 from lit_partial.functional.activations import SavedTensorTracker
 from lit_partial.functional.measure import LiveStorageCounter
@@ -123,7 +125,7 @@ class CostMonitor(Callback):
         self._backward = self._saved = self._live_saved = 0
         self._tracker = SavedTensorTracker(exclude=[pl_module])
         self._tracker.__enter__()
-        self._flops = FlopCounterMode(display=False)
+        self._flops = total_flop_counter()  # FlopCounterMode's module tracking would keep cut-off graphs alive
         self._flops.__enter__()  # type: ignore[no-untyped-call]  # torch leaves FlopCounterMode untyped
         self._live = LiveStorageCounter(exclude=[pl_module, *_tensors(batch)])  # the batch is not an activation
         self._live.__enter__()  # the innermost mode: it leaves at on_before_backward, the forward's end

@@ -46,7 +46,7 @@ from lit_partial.functional.drop_backward import (
     weighted_drop_rate,
 )
 from lit_partial.handles import Handle, Handles
-from lit_partial.selection import Selectors, as_selector_list, canonical_name, outermost, preview, select_modules
+from lit_partial.selectors import Selectors, as_selector_list, canonical_name, outermost, preview, select_modules
 
 __all__ = ["DropBackward"]
 
@@ -268,7 +268,7 @@ class DropBackward(Technique):
         return [float(s) for s in scores.tolist()]
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._active = False
 
     @override

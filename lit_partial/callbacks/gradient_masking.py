@@ -81,7 +81,7 @@ from lit_partial.functional.masking import (
     kernel_mask,
     mask_gradients,
 )
-from lit_partial.selection import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
+from lit_partial.selectors import as_selector_list, describe_ties, preview, select_parameters, tied_parameter_names
 from lit_partial.summary import record_masked
 
 __all__ = ["GradientMasking", "MaskError"]
@@ -397,7 +397,7 @@ class GradientMasking(Technique):
             self._record_counts(pl_module)
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         for e in self._entries:
             e.optimizers.clear()
         self._backward = None  # its hooks went with self.handles

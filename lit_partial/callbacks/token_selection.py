@@ -273,7 +273,7 @@ class TokenSelection(Technique):
             )
 
     @override
-    def detach(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
+    def cleanup(self, trainer: L.Trainer | None, pl_module: L.LightningModule | None) -> None:
         self._active = False
 
     @override

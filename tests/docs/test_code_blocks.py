@@ -194,22 +194,7 @@ def test_links_to_pages_exist() -> None:
             if "://" in target:
                 continue
             path = (page.parent / target).resolve()
-            assert path.exists() or target in PAGES_OF_OTHER_ISSUES, f"{page.relative_to(ROOT)}: {target}"
-
-
-#: Pages that other open issues write (#22-#25); the README already links them.
-PAGES_OF_OTHER_ISSUES = {
-    f"docs/techniques/{name}.md"
-    for name in (
-        "gradient_masking",
-        "lisa",
-        "badam",
-        "adaptive_freezing",
-        "token_selection",
-        "drop_backward",
-        "selective_checkpointing",
-    )
-} | {"docs/lm_job.md"}
+            assert path.exists(), f"{page.relative_to(ROOT)}: {target}"
 
 
 # ---------------------------------------------------------------- YAML blocks
