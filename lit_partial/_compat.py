@@ -256,3 +256,82 @@ def total_flop_counter() -> FlopCounterMode:
 
 
 __all__ += ["total_flop_counter"]
+
+
+def compiled_call_impl(module: nn.Module) -> Any:
+    """What ``nn.Module.compile()`` installed on ``module`` (``_compiled_call_impl``, private), or None.
+
+    ``module.compile()`` compiles in place: the module stays itself and only this attribute says so (torch has
+    no public ``is_compiled``).
+    """
+    return getattr(module, "_compiled_call_impl", None)
+
+
+def lightning_compiler_ctx(module: nn.Module) -> Any:
+    """Lightning's record that ``fit`` was given ``torch.compile(model)`` (``LightningModule._compiler_ctx``), or None.
+
+    ``Trainer.fit`` unwraps an ``OptimizedModule`` into the LightningModule it wraps, replaces its ``forward``
+    by the compiled one and keeps the original in this private attribute (``lightning.pytorch.utilities.compile``).
+    """
+    return getattr(module, "_compiler_ctx", None)
+
+
+def optimized_module_type() -> type:
+    """``torch._dynamo.eval_frame.OptimizedModule``: what ``torch.compile(module)`` returns (no public alias)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that run compiled ("" for ``model`` itself); empty if none does.
+
+    Covers the three ways of compiling a Lightning model: ``model.compile()`` (:func:`compiled_call_impl`),
+    ``trainer.fit(torch.compile(model))`` (:func:`lightning_compiler_ctx`) and a submodule replaced by
+    ``torch.compile(submodule)`` (an :func:`optimized_module_type`) or compiled in place.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> compiled_parts(model)
+        []
+        >>> model[0] = torch.compile(model[0])
+        >>> compiled_parts(model)
+        ['0']
+    """
+    optimized = optimized_module_type()
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, optimized) or compiled_call_impl(m) is not None or lightning_compiler_ctx(m) is not None
+    ]
+
+
+def activation_memory_budget() -> float:
+    """``torch._functorch.config.activation_memory_budget``: the min-cut partitioner's budget (private config).
+
+    What ``torch.compile`` saves for backward in a training graph, as a fraction of what saving every activation
+    would keep: 1.0 (torch's default) saves all it does not find cheaper to recompute, 0.0 recomputes as much as
+    it can. Read when a training graph is partitioned, i.e. at compile time; no public API sets it.
+    """
+    import torch._functorch.config as functorch_config
+
+    return float(functorch_config.activation_memory_budget)
+
+
+def set_activation_memory_budget(budget: float) -> float:
+    """Set :func:`activation_memory_budget` for the graphs compiled from now on; returns the previous value."""
+    import torch._functorch.config as functorch_config
+
+    previous = float(functorch_config.activation_memory_budget)
+    functorch_config.activation_memory_budget = float(budget)
+    return previous
+
+
+__all__ += [
+    "activation_memory_budget",
+    "compiled_call_impl",
+    "compiled_parts",
+    "lightning_compiler_ctx",
+    "optimized_module_type",
+    "set_activation_memory_budget",
+]

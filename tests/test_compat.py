@@ -275,3 +275,41 @@ def test_total_flop_counter_refuses_a_torch_without_mod_tracker(monkeypatch: pyt
     with pytest.raises(RuntimeError, match=r"FlopCounterMode has no `mod_tracker`"):
         _compat.total_flop_counter()
     assert flop_counter.FlopCounterMode is not Bare
+
+
+def test_activation_memory_budget_is_torchs_partitioner_setting() -> None:
+    import torch._functorch.config as functorch_config
+
+    name = "torch._functorch.config.activation_memory_budget"
+    assert hasattr(functorch_config, "activation_memory_budget"), upgrade(name)
+    before = _compat.activation_memory_budget()
+    assert before == functorch_config.activation_memory_budget, upgrade(name)
+    try:
+        assert _compat.set_activation_memory_budget(0.25) == before
+        assert functorch_config.activation_memory_budget == 0.25, upgrade(name)
+        assert _compat.activation_memory_budget() == 0.25
+    finally:
+        _compat.set_activation_memory_budget(before)
+    assert _compat.activation_memory_budget() == before
+
+
+def test_compiled_parts_sees_each_way_of_compiling() -> None:
+    from lightning.pytorch.utilities.compile import from_compiled, to_uncompiled
+
+    from tests.helpers.models import TinyNet
+
+    model = TinyNet()
+    assert _compat.compiled_parts(model) == []
+    model.compile()
+    assert _compat.compiled_call_impl(model) is not None, upgrade("nn.Module._compiled_call_impl")
+    assert _compat.compiled_parts(model) == [""]
+    model = TinyNet()
+    wrapped = torch.compile(model)
+    assert isinstance(wrapped, _compat.optimized_module_type()), upgrade("torch._dynamo.eval_frame.OptimizedModule")
+    unwrapped = from_compiled(wrapped)  # what Trainer.fit does with torch.compile(model)
+    assert _compat.lightning_compiler_ctx(unwrapped) is not None, upgrade("LightningModule._compiler_ctx")
+    assert _compat.compiled_parts(unwrapped) == [""]
+    assert _compat.compiled_parts(to_uncompiled(unwrapped)) == []
+    model = TinyNet()
+    model.blocks = torch.compile(model.blocks)  # type: ignore[assignment]
+    assert _compat.compiled_parts(model) == ["blocks"]

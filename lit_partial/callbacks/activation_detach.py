@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lit_partial import _compat
 from lit_partial._plain import to_plain
 from lit_partial.callbacks._conditional import ConditionalTechnique
 from lit_partial.callbacks._decisions import RuleTarget
@@ -18,6 +19,7 @@ from lit_partial.conditions import StepContext
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.activation_cuts import checkpoint_modules, offload_modules
 from lit_partial.functional.selective_checkpoint import Policy, resolve_policy
+from lit_partial.handles import Handle
 from lit_partial.selectors import Selectors, as_selector_list, preview, select_modules
 
 __all__ = ["ActivationDetach"]
@@ -46,6 +48,14 @@ class ActivationDetach(ConditionalTechnique):
       is undone). A module that modifies its input in place raises ``UnsafeCheckpointError`` naming it.
     * ``offload``: the tensors these modules save for backward live in pinned host memory until backward
       (``save_on_cpu``). GPU only: on CPU it warns and does nothing.
+    * ``memory_budget``: ``torch.compile``'s activation memory budget for the training graphs compiled during
+      ``fit`` (``torch._functorch.config.activation_memory_budget``, which the min-cut partitioner reads): 1.0
+      saves every activation it does not find cheaper to recompute (torch's default), 0.0 recomputes as much as
+      possible (matmuls included), values between trade memory for recomputation. Gradients are those of the
+      uncompiled model. It only acts on a compiled model, so ``setup`` refuses an uncompiled one. It is set at
+      ``setup`` (before the first compiled forward; validation graphs are not partitioned, so unaffected) and
+      the previous value is restored at ``teardown``; it applies to everything compiled in between in this
+      process, and not to graphs compiled before ``fit``. Alone or beside the other three.
 
     Everything acts only inside training steps: validation, test, predict and direct calls outside the
     trainer run the model untouched. All hooks and wrapped ``forward`` s are removed at ``teardown``. Under
@@ -65,11 +75,16 @@ class ActivationDetach(ConditionalTechnique):
             (``["aten.mm", "aten.addmm"]``) or a policy function (see
             :mod:`lit_partial.functional.selective_checkpoint`); ``None``: save only the inputs. Checkpointed modules
             whose parameters and inputs need no gradient (frozen, below everything that trains) run plainly.
+        memory_budget: ``torch.compile``'s activation memory budget in [0, 1] for the training graphs (needs a
+            compiled model: ``model.compile()``, ``torch.compile(model)`` or a compiled submodule); ``None``:
+            torch's setting is left alone.
         accept_config_change: Resume from a checkpoint made with another configuration (see
             :class:`~lit_partial.callbacks.base.Technique`).
 
     Raises:
-        ValueError: If no technique is given, or ``segments`` is not a positive int, ``"sqrt"`` or None.
+        ValueError: If no technique is given, ``segments`` is not a positive int, ``"sqrt"`` or None, or
+            ``memory_budget`` is not a number in [0, 1].
+        ConfigurationError: At ``setup``, if ``memory_budget`` is set and the model is not compiled.
         ConditionError: If a condition in ``at`` is invalid.
         SelectorError: If a selector is malformed (``__init__``) or matches no module (``setup``).
 
@@ -92,13 +107,23 @@ class ActivationDetach(ConditionalTechnique):
         segments: int | str | None = None,
         *,
         policy: Policy | None = None,
+        memory_budget: float | None = None,
         accept_config_change: bool = False,
     ) -> None:
         at, checkpoint, offload = to_plain(at), to_plain(checkpoint), to_plain(offload)
-        if at is None and checkpoint is None and offload is None:
+        if at is None and checkpoint is None and offload is None and memory_budget is None:
             raise ConfigurationError(
-                "ActivationDetach needs at least one of `at`, `checkpoint`, `offload`, e.g. "
+                "ActivationDetach needs at least one of `at`, `checkpoint`, `offload`, `memory_budget`, e.g. "
                 "ActivationDetach(at='backbone.0') or ActivationDetach(checkpoint='blocks.*')."
+            )
+        if memory_budget is not None and (type(memory_budget) is bool or not isinstance(memory_budget, int | float)):
+            raise ConfigurationError(
+                f"`memory_budget` must be a number in [0, 1] or None, got {memory_budget!r}; e.g. memory_budget=0.5."
+            )
+        if memory_budget is not None and not (0.0 <= memory_budget <= 1.0):  # NaN fails this too
+            raise ConfigurationError(
+                f"`memory_budget` must be in [0, 1], got {memory_budget!r}: 1.0 saves every activation (torch's "
+                "default), 0.0 recomputes as much as possible; e.g. memory_budget=0.5."
             )
         if segments is not None and segments != "sqrt" and (type(segments) is not int or segments < 1):
             raise ConfigurationError(f"`segments` must be a positive int, 'sqrt' or None, got {segments!r}.")
@@ -124,6 +149,7 @@ class ActivationDetach(ConditionalTechnique):
         self.offload = as_selector_list(offload, argument="offload") if offload is not None else []
         self.segments = segments
         self.policy = policy
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
         self._active = False  # True only inside training steps (a bool: a compiled forward guards it by value)
         self._detached: dict[str, Rule] = {}  # module name -> its rule, set in setup
 
@@ -135,6 +161,7 @@ class ActivationDetach(ConditionalTechnique):
             "offload": self.offload,
             "segments": self.segments,
             **({"policy": _describe_policy(self.policy)} if self.policy is not None else {}),
+            **({"memory_budget": self.memory_budget} if self.memory_budget is not None else {}),
         }
 
     @override
@@ -164,6 +191,8 @@ class ActivationDetach(ConditionalTechnique):
 
     @override
     def attach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.memory_budget is not None:
+            self._set_memory_budget(pl_module, self.memory_budget)
         super().attach(trainer, pl_module)  # the `at` rules: forward hooks, DDP's unused parameters
         detached = self._detached
         checkpointed = [name for name, _ in select_modules(pl_module, self.checkpoint)] if self.checkpoint else []
@@ -185,7 +214,28 @@ class ActivationDetach(ConditionalTechnique):
                 self.handles.add(offload_modules(pl_module, offloaded, enabled=self._is_active))
         parts = {"detach after": sorted(detached), "checkpoint": checkpointed, "offload": offloaded}
         self._summary = ", ".join(f"{what} {preview(names)}" for what, names in parts.items())
+        if self.memory_budget is not None:
+            self._summary += f", compiler memory budget {self.memory_budget:g}"
         rank_zero_info(f"ActivationDetach: {self._summary}")
+
+    def _set_memory_budget(self, pl_module: L.LightningModule, budget: float) -> None:
+        if not (compiled := _compat.compiled_parts(pl_module)):
+            raise ConfigurationError(
+                f"ActivationDetach(memory_budget={budget:g}) sets torch.compile's activation memory budget, which acts "
+                f"only on compiled graphs, and {type(pl_module).__name__} is not compiled (nor any of its submodules). "
+                "Compile it before fit: `model.compile()`, `trainer.fit(torch.compile(model), ...)` or "
+                "`model.blocks = torch.compile(model.blocks)`; or drop `memory_budget`."
+            )
+        previous = _compat.set_activation_memory_budget(budget)
+
+        def restore() -> None:
+            _compat.set_activation_memory_budget(previous)
+
+        self.handles.add(Handle(restore))
+        rank_zero_info(
+            f"ActivationDetach: torch.compile activation memory budget {budget:g} (was {previous:g}) for "
+            f"{preview([name or '<model>' for name in compiled])}"
+        )
 
     @staticmethod
     def _detach_hook(target: RuleTarget) -> Any:

@@ -34,6 +34,7 @@ from lit_partial import (
     ActivationMemoryMonitor,
     ConditionalDetach,
     ConditionalSkip,
+    DropBackward,
     GradientMasking,
     LayerFreezing,
     PartialBackpropMixin,
@@ -209,6 +210,7 @@ SCENARIOS: dict[str, tuple[Callable[[], list[Callback]], int]] = {
         2,
     ),
     "selective": (lambda: [SelectiveBackprop(keep=0.5, method="probability", seed=1)], 2),
+    "drop_backward": (lambda: [DropBackward("blocks.*.fc2", rate=0.5, seed=2)], 2),  # branches x + fc2(relu(fc1 x))
     "monitor": (lambda: [ActivationMemoryMonitor()], 1),
     "per_rank_statistic": (  # decided differently per rank under DDP; once for all ranks under FSDP2
         lambda: [

@@ -197,3 +197,28 @@ def test_compat_sdpa_ops_cover_what_sdpa_dispatches_to() -> None:
     names = {str(op).split(".")[-1] for op in sdpa_ops()}
     assert names & set(counter.counts), (names, counter.counts)
     assert all(is_op(op) for op in sdpa_ops()) and is_op(torch.ops.aten.mm) and not is_op(torch.mm)
+
+
+def test_checkpointed_calls_get_no_kv_cache_as_under_hugging_face_checkpointing() -> None:
+    seen: list[tuple[Any, Any]] = []
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: Tensor, past_key_values: Any = None, use_cache: bool = False) -> Tensor:
+            seen.append((past_key_values, use_cache))
+            return self.lin(x)  # type: ignore[no-any-return]
+
+    layer, cache = Layer(), object()
+    handles = checkpoint_modules(layer, "lin", policy="matmul")  # the inner module: the outer call is untouched
+    layer(torch.randn(1, 2), past_key_values=cache, use_cache=True)
+    handles.remove()
+    outer = nn.Sequential()
+    outer.add_module("layer", layer)
+    handles = checkpoint_modules(outer, "layer", policy="matmul")
+    outer.layer(torch.randn(1, 2), past_key_values=cache, use_cache=True).sum().backward()
+    handles.remove()
+    assert seen[0] == (cache, True)  # not checkpointed: as called
+    assert seen[1:] == [(None, False), (None, False)]  # checkpointed: forward and recomputation without the cache
