@@ -34,12 +34,18 @@ $(STAMP_TRAIN): pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[demo]"
 	@touch $@
 
+# badam (tests/callbacks/test_badam.py compares BAdam with its BlockOptimizer bit for bit) without its
+# dependencies: they would re-resolve torch, transformers and more.
+BADAM := badam==1.4
+
 $(STAMP_TEST): pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "$(BADAM)"
 	@touch $@ $(STAMP_TRAIN)
 
 $(STAMP_DEV): pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$(BADAM)"
 	@touch $@ $(STAMP_TEST) $(STAMP_TRAIN)
 
 $(STAMP_DOCS): pyproject.toml $(VENV)/.torch
