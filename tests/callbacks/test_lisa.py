@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lit_partial import LISA
 from lit_partial.errors import ConfigurationError
 from lit_partial.functional.layer_sampling import optimizer_state_bytes, sample_layers
-from lit_partial.selection import SelectorError
+from lit_partial.selectors import SelectorError
 from tests.callbacks._stack import assert_bitwise, loader, make, plain_loop
 from tests.helpers import quiet_trainer
 
