@@ -40,10 +40,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lit_partial._compat import total_flop_counter
+from lit_partial._compat import compiled_parts, total_flop_counter
 from lit_partial.errors import ConfigurationError, UnsupportedStructureError
 from lit_partial.functional.activations import SavedTensorTracker
 from lit_partial.functional.measure import LiveStorageCounter
@@ -113,6 +114,17 @@ class CostMonitor(Callback):
         self._backward = 0
         self._saved = 0
         self._last_end: float | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        compiled = compiled_parts(pl_module)
+        if compiled:  # torch skips compiling a frame first run under a dispatch mode, and never retries it
+            rank_zero_warn(
+                f"CostMonitor: {', '.join(repr(n) for n in compiled)} of {type(pl_module).__name__} is compiled, "
+                "and FLOPs are counted under a dispatch mode from the first batch, which makes torch.compile run "
+                "those modules uncompiled for the whole run (step times are then the eager ones). Measure costs "
+                "on an uncompiled run, or leave CostMonitor out of compiled runs."
+            )
 
     @override
     def on_train_batch_start(

@@ -173,3 +173,10 @@ def test_live_forward_bytes_see_what_selective_checkpointing_caches() -> None:
     assert reference == (B * 8 + B * OUT + 1) * 4 and monitor.live_bytes == [reference + 4] * 2
     assert monitor.saved_bytes == [B * IN * 4] * 2
     assert monitor.summary()["live_forward_bytes"] == reference + 4
+
+
+def test_a_compiled_model_is_warned_about_running_uncompiled() -> None:
+    model = LinearSum()
+    model.compile(backend="eager")
+    with pytest.warns(UserWarning, match=r"CostMonitor: '' of LinearSum is compiled.*uncompiled for the whole run"):
+        fit(CostMonitor(), model)
