@@ -26,7 +26,14 @@ from lit_partial.demos.models import ConvBlock, DigitsCNN, ResidualConvBlock
 from lit_partial.errors import CheckpointMismatchError, ConfigurationError
 from lit_partial.module import PartialBackpropMixin
 
-__all__ = ["DigitsClassifier", "DigitsDataModule", "EpochSampler", "ResumableDataLoader", "load_digits_tensors"]
+__all__ = [
+    "DigitsClassifier",
+    "DigitsDataModule",
+    "EpochSampler",
+    "ResumableDataLoader",
+    "load_digits_tensors",
+    "trainer_batches_done",
+]
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -69,6 +76,17 @@ class EpochSampler(DistributedSampler[int]):
         indices = list(super().__iter__())
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
+
+
+def trainer_batches_done(trainer: L.Trainer | None) -> tuple[int, bool]:
+    """Batches of the current epoch ``trainer`` has finished, and whether they end it (``(0, False)`` without one).
+
+    What a :class:`ResumableDataLoader` of a LightningDataModule passes as ``batches_done``.
+    """
+    if trainer is None:
+        return 0, False
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]  # untyped in Lightning
+    return done, done >= trainer.num_training_batches
 
 
 class ResumableDataLoader(DataLoader[Any]):
@@ -231,11 +249,7 @@ class DigitsDataModule(L.LightningDataModule):
         return self.train_set, self.val_set
 
     def _batches_done(self) -> tuple[int, bool]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, False
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]  # untyped in Lightning
-        return done, done >= trainer.num_training_batches
+        return trainer_batches_done(self.trainer)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:

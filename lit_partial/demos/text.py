@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lit_partial.demos.digits import EpochSampler, ResumableDataLoader
+from lit_partial.demos.digits import EpochSampler, ResumableDataLoader, trainer_batches_done
 from lit_partial.errors import ConfigurationError
 
 __all__ = ["CODE_MODULES", "CORPUS_PATH", "DOMAINS", "TextDataModule", "build_corpus", "corpus_sha256", "load_corpus"]
@@ -190,11 +190,7 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def _batches_done(self) -> tuple[int, bool]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, False
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # type: ignore[attr-defined]  # untyped in Lightning
-        return done, done >= trainer.num_training_batches
+        return trainer_batches_done(self.trainer)
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
